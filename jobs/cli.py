@@ -1,0 +1,64 @@
+"""``mdlora`` command line: one subcommand per job module, imported lazily (fast ``--help``).
+
+Each job module defines ``configure(parser)`` (adds its options) and ``run(args) -> int``.
+Errors that are the user's (bad config, bad input) print one clear line and exit 2; they never
+leave partial output behind (writers commit atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mdlora.config import ConfigError
+
+# name -> (module, one-line help). Order is the order of `mdlora --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "gen-logs": ("jobs.gen_logs", "write a synthetic multi-domain CTR log (+ schema) to a path or s3://"),
+    "import-movielens": ("jobs.import_movielens", "convert MovieLens 1M/100K to the mdlora log format (HAMUR protocol)"),
+    "validate-logs": ("jobs.validate_logs", "check a log dataset against a schema; per-domain summary"),
+    "plan": ("jobs.plan", "print the embedding sharding plan and per-rank memory for a topology"),
+    "pretrain": ("jobs.pretrain", "train the shared backbone (Ray Train + TorchRec sharding) and publish it"),
+}
+
+
+class UserError(Exception):
+    """An error caused by the user's input; printed as one line, exit code 2."""
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the ``selected`` subcommand's module is imported for options."""
+    parser = argparse.ArgumentParser(
+        prog="mdlora",
+        description="Multi-domain CTR training with per-domain LoRA adapters on TorchRec + Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == selected:
+            importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mdlora`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except (UserError, ConfigError, FileNotFoundError, FileExistsError, PermissionError) as e:
+        print(f"mdlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # validation errors from schema/readers name the bad value
+        print(f"mdlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
