@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -39,30 +38,7 @@ from typing import Literal
 import yaml
 
 from mdlora.config import ConfigError, from_dict, read_yaml, to_dict
-
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
-def check_name(value: str, what: str) -> str:
-    """Refuse names that are empty or could act as a path (``../x``, ``/``, spaces).
-
-    Args:
-        value: the candidate name (domain, table, feature, model).
-        what: how to call it in the error message.
-
-    Returns:
-        ``value`` unchanged.
-
-    Raises:
-        ValueError: the name holds characters outside ``[A-Za-z0-9_.-]``, starts with ``.``/``-``
-            or is ``..``.
-    """
-    if not isinstance(value, str) or not _NAME.match(value) or value in {".", ".."}:
-        raise ValueError(
-            f"{what} {value!r}: only letters, digits, '_', '-' and '.' are allowed "
-            "(it is used in file paths), and it must not start with '.' or '-'"
-        )
-    return value
+from mdlora.names import check_name  # re-exported: embeddings.schema.check_name
 
 
 @dataclass(kw_only=True)

@@ -20,6 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate-logs": ("jobs.validate_logs", "check a log dataset against a schema; per-domain summary"),
     "plan": ("jobs.plan", "print the embedding sharding plan and per-rank memory for a topology"),
     "pretrain": ("jobs.pretrain", "train the shared backbone (Ray Train + TorchRec sharding) and publish it"),
+    "adapt": ("jobs.adapt", "train per-domain LoRA adapters on the frozen backbone and publish one bundle per domain"),
+    "add-domain": ("jobs.add_domain", "train one new domain's adapter against the production backbone; touches nothing else"),
+    "score": ("jobs.score", "score a mixed-domain dataset, each row routed to its domain's production adapter"),
+    "bundles": ("jobs.bundles", "list, show, verify, promote or roll back registry versions (adapters, backbones)"),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from adapters.config import LoraConfig
 from mdlora.config import load_config
 
 
@@ -188,3 +189,69 @@ class RunConfig:
 def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a :class:`RunConfig` from YAML plus ``key=value`` overrides."""
     return load_config(RunConfig, path, overrides)
+
+
+# ---- adapter runs (mdlora adapt / add-domain) -------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class AdaptTrainConfig:
+    """Adapter optimisation on the cached embedding-layer output (one Adam per domain for MLoRA)."""
+
+    lr: float = 1e-2
+    """Adam learning rate of the adapter parameters."""
+    weight_decay: float = 0.0
+    """Adam weight decay of the adapter parameters."""
+    batch_size: int = 512
+    """Rows per adapter step (single-domain batches for MLoRA, mixed for MultiLoRA)."""
+    tasks: int = 0
+    """Parallel Ray tasks the MLoRA domains are partitioned over (0: one per available CPU)."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.tasks < 0:
+            raise ValueError(f"tasks: must be >= 0, got {self.tasks}")
+
+
+@dataclass(kw_only=True)
+class AdaptOutputConfig(OutputConfig):
+    """Registry root and backbone name (as for pretrain) plus which backbone version to adapt."""
+
+    backbone: str = "production"
+    """Backbone version to adapt: an alias (``production``, ``latest``) or ``vNNNN``."""
+
+    def __post_init__(self) -> None:
+        if not self.backbone:
+            raise ValueError("backbone: needs an alias or a version, got ''")
+
+
+def _adapt_loop() -> LoopConfig:
+    return LoopConfig(epochs=10, patience=2)
+
+
+@dataclass(kw_only=True)
+class AdaptConfig:
+    """An adapter run: per-domain LoRA on a published, frozen backbone.
+
+    ``data`` names the logs (``domains`` restricts the run, ``batch_size`` is the materialisation
+    batch per worker), ``loop.epochs``/``loop.patience`` bound each domain's training (patience
+    counts per-domain validation AUC evaluations, one per epoch), ``dist`` sizes the sharded
+    materialisation job.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: AdaptTrainConfig = field(default_factory=AdaptTrainConfig)
+    loop: LoopConfig = field(default_factory=_adapt_loop)
+    dist: DistConfig = field(default_factory=DistConfig)
+    output: AdaptOutputConfig = field(default_factory=AdaptOutputConfig)
+
+
+def load_adapt_config(path: str | None, overrides: list[str] | None = None) -> AdaptConfig:
+    """Load an :class:`AdaptConfig` from YAML plus ``key=value`` overrides."""
+    return load_config(AdaptConfig, path, overrides)

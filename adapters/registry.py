@@ -1,0 +1,388 @@
+"""Versioned artefact registry for backbones and adapters, on a local directory or S3.
+
+Layout under ``root`` (any fsspec filesystem; local and S3 are supported)::
+
+    <kind>/<name>/v0001/<data files>      kind is "adapters" or "backbones"
+    <kind>/<name>/v0001/manifest.json     written last: a version without it is invisible
+    <kind>/<name>/v0001/.reservation      claims the number (exclusive create)
+    <kind>/<name>/aliases.json            {"aliases": {"latest": .., "production": ..}, "history": [..]}
+
+Concurrency:
+
+* **Version numbers** are claimed by creating ``vNNNN/.reservation`` exclusively
+  (``fs.open(path, "xb")``: ``O_EXCL`` locally, ``If-None-Match: *`` on S3); a publisher that
+  loses the race tries the next number. A crashed publisher leaves a version without a
+  manifest, which is ignored and whose number is never reused.
+* **Aliases and history** live in one small JSON object per name, replaced in one write
+  (temp file + rename locally, a single PUT on S3), so readers never see a half update.
+  Read-modify-write of that object is serialised per name: locally by ``fcntl.flock`` on
+  ``<kind>/<name>/.lock``; on S3 by compare-and-swap (``If-Match`` on the ETag, or
+  ``If-None-Match: *`` for the first write), retried on conflict. S3 stores that ignore these
+  conditional headers cannot serialise concurrent publishers of the same name.
+* Different names never write the same object, so jobs for different domains never conflict.
+
+Rollback replays the history: each promotion pushes the production version on a stack, each
+rollback pops it, so repeated rollbacks walk back through earlier productions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import random
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from mdlora.artifact import MANIFEST, ArtifactError, check_files, read_manifest
+from mdlora.atomic import staging_dir, write_bytes
+from mdlora.names import check_name
+
+KINDS = ("adapters", "backbones")
+ALIASES = "aliases.json"
+RESERVATION = ".reservation"
+_VERSION = re.compile(r"^v(\d{4,})$")
+_CAS_ATTEMPTS = 100
+
+
+class RegistryError(ValueError):
+    """A registry request names an unknown kind, name, version or alias, or cannot be applied."""
+
+
+def version_name(number: int) -> str:
+    """``3 -> "v0003"``."""
+    return f"v{number:04d}"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _precondition_failed(e: OSError) -> bool:
+    """True when an S3 conditional write lost a race (412, or 409 for concurrent conditionals)."""
+    if isinstance(e, FileExistsError):
+        return True
+    response = getattr(e.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") in {
+        "PreconditionFailed",
+        "ConditionalRequestConflict",
+    }
+
+
+def _production_stack(history: list[dict[str, Any]]) -> list[str]:
+    stack: list[str] = []
+    for event in history:
+        if event["event"] == "promote":
+            stack.append(event["version"])
+        elif event["event"] == "rollback":
+            stack.pop()
+    return stack
+
+
+class Registry:
+    """Versions, aliases (``latest``, ``production``) and history of artefacts under ``root``.
+
+    Args:
+        fs: fsspec filesystem (``infra.storage.open_fs(uri)`` returns it with the path).
+        root: registry root inside ``fs`` (a local path, or ``bucket/prefix`` for S3).
+
+    Example::
+
+        reg = Registry(*open_fs("s3://models/registry"))
+        v = reg.publish("adapters", "books", "/tmp/bundle")   # "v0003", now "latest"
+        reg.promote("adapters", "books", v)
+        path = reg.fetch("adapters", "books", "production", "/tmp/cache")
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs = fs
+        self.root = str(root).rstrip("/")
+        self.local = isinstance(fs, LocalFileSystem)
+        if not self.local and "s3" not in fs.protocol and "s3a" not in fs.protocol:
+            raise RegistryError(
+                f"registry on {fs.protocol}: only local and S3 filesystems are supported"
+            )
+
+    # ---- paths --------------------------------------------------------------------------------
+    def _kind_dir(self, kind: str) -> str:
+        if kind not in KINDS:
+            raise RegistryError(f"kind {kind!r}: expected one of {list(KINDS)}")
+        return f"{self.root}/{kind}"
+
+    def _name_dir(self, kind: str, name: str) -> str:
+        return f"{self._kind_dir(kind)}/{check_name(name, f'{kind[:-1]} name')}"
+
+    def uri(self, path: str) -> str:
+        """A path inside ``fs`` as the user sees it (plain local path, or ``s3://...``)."""
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    def _ls_names(self, directory: str) -> list[str]:
+        self.fs.invalidate_cache(directory)
+        if not self.fs.exists(directory):
+            return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False)]
+
+    # ---- reading ------------------------------------------------------------------------------
+    def names(self, kind: str) -> list[str]:
+        """Names of ``kind`` that have at least one complete version, sorted."""
+        base = self._kind_dir(kind)
+        self.fs.invalidate_cache(base)
+        parts = [p.split("/") for p in self.fs.glob(f"{base}/*/v*/{MANIFEST}")]
+        return sorted({p[-3] for p in parts if _VERSION.match(p[-2])})
+
+    def versions(self, kind: str, name: str) -> list[str]:
+        """Complete versions (manifest present) of ``kind/name``, oldest first."""
+        base = self._name_dir(kind, name)
+        self.fs.invalidate_cache(base)
+        found = {p.rstrip("/").split("/")[-2] for p in self.fs.glob(f"{base}/v*/{MANIFEST}")}
+        return sorted((v for v in found if _VERSION.match(v)), key=lambda v: int(v[1:]))
+
+    def _state(self, kind: str, name: str) -> tuple[dict[str, Any], str | None]:
+        """``(aliases state, S3 ETag or None)``; an empty state when nothing was published."""
+        path = f"{self._name_dir(kind, name)}/{ALIASES}"
+        self.fs.invalidate_cache(path)
+        try:
+            etag = None if self.local else self.fs.info(path)["ETag"]
+            state = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return {"aliases": {}, "history": []}, None
+        return state, etag
+
+    def aliases(self, kind: str, name: str) -> dict[str, str]:
+        """``{"latest": "vNNNN", "production": "vNNNN"}`` (only the aliases that are set)."""
+        return self._state(kind, name)[0]["aliases"]
+
+    def history(self, kind: str, name: str) -> list[dict[str, Any]]:
+        """Events oldest first: ``{"event": publish|promote|rollback, "version", "previous", "at"}``."""
+        return self._state(kind, name)[0]["history"]
+
+    def _version(self, kind: str, name: str, ref: str) -> str:
+        """Resolve ``ref`` (alias, ``vNNNN``, ``v3`` or ``3``) to a complete version."""
+        versions = self.versions(kind, name)
+        if not versions:
+            raise RegistryError(f"{kind}/{name}: no published versions under {self.uri(self.root)}")
+        digits = ref[1:] if ref.startswith("v") else ref
+        if digits.isdigit():
+            version = version_name(int(digits))
+        else:
+            version = self.aliases(kind, name).get(ref)
+            if version is None:
+                raise RegistryError(
+                    f"{kind}/{name}: no {ref!r} alias (set aliases: {self.aliases(kind, name)}); versions: {versions}"
+                )
+        if version not in versions:
+            raise RegistryError(
+                f"{kind}/{name}: no complete version {version} (versions: {versions})"
+            )
+        return version
+
+    def resolve(self, kind: str, name: str, ref: str = "production") -> str:
+        """Path/URI of the version ``ref`` (``production``, ``latest`` or ``vNNNN``) points to."""
+        return self.uri(f"{self._name_dir(kind, name)}/{self._version(kind, name, ref)}")
+
+    def manifest(self, kind: str, name: str, ref: str = "latest") -> dict[str, Any]:
+        """The manifest of version ``ref``."""
+        return read_manifest(
+            f"{self._name_dir(kind, name)}/{self._version(kind, name, ref)}", self.fs
+        )
+
+    def verify(self, kind: str, name: str, ref: str) -> list[str]:
+        """Checksum problems of version ``ref`` (each naming the file); empty when intact."""
+        path = f"{self._name_dir(kind, name)}/{self._version(kind, name, ref)}"
+        try:
+            return check_files(path, read_manifest(path, self.fs)["files"], self.fs)
+        except ArtifactError as e:
+            return [str(e)]
+
+    def fetch(self, kind: str, name: str, ref: str, local_dir: str | Path) -> Path:
+        """A local directory holding version ``ref``.
+
+        Local registries return the version directory itself (versions are immutable; loaders
+        check it). S3 ones download into ``local_dir/<kind>/<name>/<vNNNN>`` atomically, reuse
+        an earlier download, and check the copy against its manifest.
+        """
+        version = self._version(kind, name, ref)
+        src = f"{self._name_dir(kind, name)}/{version}"
+        if self.local:
+            return Path(src)
+        dest = Path(local_dir) / kind / name / version
+        if not (dest / MANIFEST).exists():
+            manifest = read_manifest(src, self.fs)
+            with staging_dir(dest, overwrite=dest.exists()) as tmp:
+                for rel in sorted(manifest["files"]):
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    self.fs.get_file(f"{src}/{rel}", str(tmp / rel))
+                self.fs.get_file(f"{src}/{MANIFEST}", str(tmp / MANIFEST))
+        problems = check_files(str(dest), read_manifest(str(dest))["files"])
+        if problems:
+            raise RegistryError(
+                f"{dest}: fetched copy of {kind}/{name} {version} is corrupt: "
+                + "; ".join(problems)
+            )
+        return dest
+
+    # ---- writing ------------------------------------------------------------------------------
+    def _reserve(self, kind: str, name: str) -> str:
+        """Claim the next free version number by creating ``vNNNN/.reservation`` exclusively."""
+        base = self._name_dir(kind, name)
+        taken = [int(m.group(1)) for n in self._ls_names(base) if (m := _VERSION.match(n))]
+        number = max(taken, default=0) + 1
+        claim = json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "at": _now()}
+        ).encode()
+        while True:
+            path = f"{base}/{version_name(number)}"
+            if self.local:
+                os.makedirs(path, exist_ok=True)
+            try:
+                with self.fs.open(f"{path}/{RESERVATION}", "xb") as f:
+                    f.write(claim)
+                return version_name(number)
+            except FileExistsError:
+                number += 1
+
+    def _put_bytes(self, path: str, data: bytes) -> None:
+        """Write one small object so that readers see all of it or nothing."""
+        if self.local:
+            write_bytes(path, data)
+        else:
+            self.fs.pipe_file(path, data)
+
+    @contextlib.contextmanager
+    def _name_lock(self, kind: str, name: str) -> Iterator[None]:
+        path = f"{self._name_dir(kind, name)}/.lock"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _update(
+        self, kind: str, name: str, change: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        """Apply ``change`` (mutates a state dict; may raise) to the aliases object, serialised per name."""
+        path = f"{self._name_dir(kind, name)}/{ALIASES}"
+        if self.local:
+            with self._name_lock(kind, name):
+                state, _ = self._state(kind, name)
+                change(state)
+                self._put_bytes(path, json.dumps(state, indent=2, sort_keys=True).encode())
+                return state
+        for _ in range(_CAS_ATTEMPTS):
+            state, etag = self._state(kind, name)
+            state = copy.deepcopy(state)
+            change(state)
+            body = json.dumps(state, indent=2, sort_keys=True).encode()
+            try:
+                if etag is None:
+                    self.fs.pipe_file(path, body, mode="create")
+                else:
+                    self.fs.pipe_file(path, body, IfMatch=etag)
+                return state
+            except OSError as e:
+                if not _precondition_failed(e):
+                    raise
+                time.sleep(random.uniform(0.01, 0.1))
+        raise RegistryError(
+            f"{kind}/{name}: gave up updating {ALIASES} after {_CAS_ATTEMPTS} conflicting writes"
+        )
+
+    def publish(self, kind: str, name: str, local_dir: str | Path) -> str:
+        """Copy a local artefact directory in as the next version and point ``latest`` at it.
+
+        Data files go first, the manifest (with ``version`` set) last, so the version becomes
+        visible only when complete. ``latest`` only moves forward (to the highest version).
+
+        Args:
+            kind: ``adapters`` or ``backbones``.
+            name: domain (adapters) or backbone name; letters, digits, ``_ . -``.
+            local_dir: directory with data files and ``manifest.json`` listing their sha256.
+
+        Returns:
+            The new version, e.g. ``"v0003"``.
+
+        Raises:
+            RegistryError: the source has no manifest or its files do not match it.
+        """
+        base = self._name_dir(kind, name)
+        local_dir = Path(local_dir)
+        manifest = read_manifest(str(local_dir))
+        problems = check_files(str(local_dir), manifest["files"])
+        if problems:
+            raise RegistryError(
+                f"{local_dir}: refusing to publish a corrupt artefact: " + "; ".join(problems)
+            )
+        version = self._reserve(kind, name)
+        dest = f"{base}/{version}"
+        for rel in sorted(manifest["files"]):
+            if self.local:
+                os.makedirs(os.path.dirname(f"{dest}/{rel}"), exist_ok=True)
+            self.fs.put_file(str(local_dir / rel), f"{dest}/{rel}")
+        self._put_bytes(
+            f"{dest}/{MANIFEST}",
+            json.dumps({**manifest, "version": version}, indent=2, sort_keys=True).encode(),
+        )
+
+        def change(state: dict[str, Any]) -> None:
+            latest = state["aliases"].get("latest")
+            if latest is None or int(latest[1:]) < int(version[1:]):
+                state["aliases"]["latest"] = version
+            state["history"].append(
+                {"event": "publish", "version": version, "previous": latest, "at": _now()}
+            )
+
+        self._update(kind, name, change)
+        return version
+
+    def promote(self, kind: str, name: str, ref: str) -> str | None:
+        """Point ``production`` at version ``ref``; returns the previous production (or None).
+
+        Promoting the current production again changes nothing.
+        """
+        version = self._version(kind, name, ref)
+        previous: list[str | None] = []
+
+        def change(state: dict[str, Any]) -> None:
+            previous[:] = [state["aliases"].get("production")]
+            if previous[0] != version:
+                state["aliases"]["production"] = version
+                state["history"].append(
+                    {"event": "promote", "version": version, "previous": previous[0], "at": _now()}
+                )
+
+        self._update(kind, name, change)
+        return previous[0]
+
+    def rollback(self, kind: str, name: str) -> str:
+        """Point ``production`` back at the production before the current one; returns it.
+
+        Raises:
+            RegistryError: no earlier production version exists.
+        """
+        target: list[str] = []
+
+        def change(state: dict[str, Any]) -> None:
+            stack = _production_stack(state["history"])
+            if len(stack) < 2:
+                raise RegistryError(
+                    f"{kind}/{name}: no earlier production version to roll back to (production: {stack[-1] if stack else None})"
+                )
+            target[:] = [stack[-2]]
+            state["aliases"]["production"] = stack[-2]
+            state["history"].append(
+                {"event": "rollback", "version": stack[-2], "previous": stack[-1], "at": _now()}
+            )
+
+        self._update(kind, name, change)
+        return target[0]

@@ -1,0 +1,25 @@
+"""Logger setup: mdlora's own progress at INFO on rank 0, libraries at WARNING."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
+    """Send ``mdlora.*`` records to stderr (rank 0 only unless MDLORA_LOG_ALL_RANKS=1).
+
+    Library loggers (torchrec, fbgemm, ray) stay at WARNING so progress lines are readable.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for name in ("torchrec", "fbgemm_gpu", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    ours = logging.getLogger("mdlora")
+    ours.propagate = False
+    ours.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    ours.addHandler(handler)
+    show = rank == 0 or os.environ.get("MDLORA_LOG_ALL_RANKS") == "1"
+    ours.setLevel(level if show else logging.WARNING)

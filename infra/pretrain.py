@@ -1,0 +1,178 @@
+"""``mdlora pretrain``: Ray Train workers running the TorchRec-sharded backbone, then publish.
+
+Data parallelism: every worker streams its own contiguous share of the (per-epoch permuted)
+Parquet row groups with :class:`infra.logs.LogDataset` — rows per rank differ by at most one,
+so every rank runs exactly the same number of steps and the sharded all-to-all never waits on
+a rank that ran dry. We chose per-worker file shards over Ray Data because TorchRec needs the
+Arrow -> KJT conversion on the rank that trains (no object-store round trip), the shard of
+each rank is known from Parquet metadata alone, and the conversion runs in a prefetch thread
+next to the training step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from adapters.registry import Registry
+from embeddings.batch import BatchConverter
+from embeddings.schema import Schema
+from infra import ray_backend
+from infra.log import setup_logging
+from infra.logs import LogDataset
+from infra.storage import is_s3, open_fs
+from mdlora import __version__
+from mdlora.artifact import seal
+from mdlora.atomic import write_json
+from mdlora.config import from_dict, to_dict
+from trainer.config import RunConfig
+from trainer.loop import Hooks, train
+from trainer.recipes import setup_pretrain
+
+log = logging.getLogger("mdlora.pretrain")
+
+
+def _abs(path: str) -> str:
+    return path if not path or is_s3(path) else os.path.abspath(path)
+
+
+def resolve_paths(cfg: RunConfig) -> RunConfig:
+    """Make every local path absolute (Ray workers do not share the driver's cwd)."""
+    for k in ("schema", "train", "val", "test"):
+        setattr(cfg.data, k, _abs(getattr(cfg.data, k)))
+    cfg.output.root = _abs(cfg.output.root)
+    cfg.output.run_dir = _abs(cfg.output.run_dir) or os.path.join(cfg.output.root, "runs")
+    return cfg
+
+
+def load_schema(uri: str) -> Schema:
+    """Load a schema from a local path or s3://."""
+    fs, path = open_fs(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri}: schema file not found")
+    import yaml
+
+    with fs.open(path, "r") as f:
+        return Schema.from_dict(yaml.safe_load(f.read()) or {})
+
+
+def datasets(cfg: RunConfig, schema: Schema) -> tuple[LogDataset, LogDataset | None]:
+    """Train and (optional) validation datasets with the run's window and domain filters."""
+    kw = {"window": cfg.data.window, "domains": cfg.data.domains or None}
+    train_ds = LogDataset(cfg.data.train, schema, **kw)
+    val_ds = LogDataset(cfg.data.val, schema, domains=cfg.data.domains or None) if cfg.data.val else None
+    return train_ds, val_ds
+
+
+def worker(config: dict) -> None:
+    """One Ray Train worker: build + shard, resume if a checkpoint exists, train, report."""
+    cfg = from_dict(RunConfig, config["run"])
+    env = ray_backend.worker_env(cfg.dist.device)
+    torch.set_num_threads(cfg.dist.cpus_per_worker)
+    setup_logging(env.rank)
+    schema = load_schema(cfg.data.schema)
+    train_ds, val_ds = datasets(cfg, schema)
+    local_batch = max(1, cfg.data.batch_size // env.world_size)
+    steps = train_ds.num_batches(local_batch, env.world_size)
+    if steps < 1:
+        raise ValueError(f"{cfg.data.train}: fewer rows than one batch of {cfg.data.batch_size} per "
+                         f"{env.world_size} workers; lower data.batch_size")
+    total = cfg.loop.max_steps or steps * cfg.loop.epochs
+    setup = setup_pretrain(cfg, env, schema, total)
+    conv = BatchConverter(schema)
+    def train_batches(epoch: int):
+        batches = train_ds.iter_batches(
+            local_batch, rank=env.rank, world_size=env.world_size, epoch=epoch, seed=cfg.loop.seed,
+            shuffle=cfg.data.shuffle, prefetch=cfg.data.prefetch, converter=conv)
+        return _inject_fault(batches, config.get("fault", ""), env.rank, epoch * steps)
+
+    hooks = Hooks(
+        train_batches=train_batches,
+        val_batches=(lambda: val_ds.iter_batches(
+            local_batch, rank=env.rank, world_size=env.world_size, shuffle=False, drop_last=False,
+            prefetch=cfg.data.prefetch, converter=conv)) if val_ds else None,
+        report=ray_backend.report,
+        steps_per_epoch=steps,
+    )
+    state = None
+    with ray_backend.resume_dir() as d:
+        if d is not None:
+            state = setup.load(d)
+            state.resumed_from.append(state.step)
+            if env.is_main:
+                log.info("resumed from step %d (epoch %d)", state.step, state.epoch)
+    train(setup.model, setup.optimizer, setup.scheduler, setup.dense_params, cfg.loop,
+          cfg.optim.clip_norm, env, hooks, schema.domain.values, setup.save, state)
+
+
+def _inject_fault(batches, spec: str, rank: int, first_step: int):
+    """Fault injection for reliability tests: ``spec = "RANK:STEP:MARKER"`` SIGKILLs this worker
+    process once, just before it trains global step STEP (MARKER file makes it happen once)."""
+    kill_rank, kill_step, marker = (spec.split(":", 2) + ["", ""])[:3] if spec else ("-1", "0", "")
+    for i, batch in enumerate(batches):
+        if rank == int(kill_rank) and first_step + i + 1 == int(kill_step) and not os.path.exists(marker):
+            Path(marker).write_text(str(kill_step))
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+
+
+def pretrain(cfg: RunConfig, *, run_name: str | None = None) -> dict:
+    """Train the backbone on ``cfg.dist.world_size`` workers and publish it; returns a summary.
+
+    Returns:
+        ``{"name", "version", "path", "content_hash", "metrics", "seconds"}``.
+    """
+    cfg = resolve_paths(cfg)
+    schema = load_schema(cfg.data.schema)
+    train_ds, _ = datasets(cfg, schema)  # fails fast on a missing/empty dataset
+    if train_ds.num_batches(max(1, cfg.data.batch_size // cfg.dist.world_size), cfg.dist.world_size) < 1:
+        raise ValueError(f"{cfg.data.train}: fewer rows than one global batch ({cfg.data.batch_size})")
+    t0 = time.time()
+    ray_backend.init_ray(cfg.dist.address)
+    result = ray_backend.run_workers(
+        worker, {"run": to_dict(cfg), "fault": os.environ.get("MDLORA_FAULT_KILL", "")}, world_size=cfg.dist.world_size, device=cfg.dist.device,
+        cpus_per_worker=cfg.dist.cpus_per_worker, max_failures=cfg.dist.max_failures,
+        storage_path=cfg.output.run_dir, name=run_name or f"{cfg.output.model}-{int(t0)}",
+        score="wauc" if cfg.data.val else None,
+    )
+    try:
+        if result.checkpoint is None:
+            raise RuntimeError("training finished without a checkpoint")
+        summary = publish_backbone(cfg, schema, result.checkpoint)
+    finally:
+        shutil.rmtree(result.workdir, ignore_errors=True)
+    summary["seconds"] = round(time.time() - t0, 1)
+    return summary
+
+
+def publish_backbone(cfg: RunConfig, schema: Schema, checkpoint: Path) -> dict:
+    """Publish a checkpoint dir as ``backbones/<model>/vNNNN`` with its manifest (written last)."""
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    schema.dump(checkpoint / "schema.yaml")
+    write_json(checkpoint / "config.json", to_dict(cfg))
+    metrics = state["history"][-1] if state["history"] else {}
+    write_json(checkpoint / "metrics.json", {"final": metrics, "best_wauc": state["best_wauc"],
+                                              "best_step": state["best_step"], "history": state["history"]})
+    manifest = seal(checkpoint, {
+        "format_version": 1, "kind": "backbone", "name": cfg.output.model,
+        "schema_hash": schema.content_hash(), "code_version": __version__,
+        "data_window": cfg.data.window, "step": state["step"],
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    })
+    content_hash = manifest["content_hash"]
+    fs, root = open_fs(cfg.output.root)
+    registry = Registry(fs, root)
+    version = registry.publish("backbones", cfg.output.model, checkpoint)
+    if "production" not in registry.aliases("backbones", cfg.output.model):
+        registry.promote("backbones", cfg.output.model, version)  # the first version serves at once
+    path = registry.resolve("backbones", cfg.output.model, version)
+    log.info("published backbone %s %s (content hash %s) at %s", cfg.output.model, version, content_hash[:12], path)
+    return {"name": cfg.output.model, "version": version, "path": path, "content_hash": content_hash,
+            "metrics": metrics, "step": state["step"]}

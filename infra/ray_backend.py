@@ -1,0 +1,182 @@
+"""The only module that imports ``ray``: TorchTrainer launch, worker context -> DistEnv, report.
+
+Workers are Ray Train workers with a torch process group (gloo on CPU, nccl on cuda). TorchRec's
+DistributedModelParallel wraps the dense part in DDP itself, so Ray's ``prepare_model`` is not
+used. Checkpoints go through ``ray.train.report``: every rank writes its own DCP shard files
+into a local temp dir and reports it; Ray merges the ranks' files into one checkpoint dir in
+``storage_path`` (local, shared FS or s3://) and registers it only when every rank reported,
+which is what makes a checkpoint commit atomic. After a worker failure
+(``FailureConfig(max_failures)``) the group restarts and resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.env import DistEnv
+
+log = logging.getLogger("mdlora.ray")
+
+
+@dataclass
+class RunResult:
+    """What a finished Ray Train run left behind."""
+
+    checkpoint: Path | None
+    """Local copy of the chosen checkpoint (best by ``score`` when given, else latest)."""
+    metrics: dict
+    """The last metrics reported by rank 0."""
+    workdir: Path
+    """Temp dir holding ``checkpoint``; the caller removes it."""
+
+
+def init_ray(address: str = "", num_cpus: int | None = None) -> None:
+    """Connect to ``address`` / ``RAY_ADDRESS`` (a submitted job) or start an embedded Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 configure_logging=False, log_to_driver=True)
+
+
+def run_workers(
+    fn: Callable[[dict], None], config: dict, *, world_size: int, device: str, cpus_per_worker: int,
+    max_failures: int, storage_path: str, name: str, score: str | None = None, keep: int = 3,
+) -> RunResult:
+    """Run ``fn(config)`` on ``world_size`` Ray Train workers; return the chosen checkpoint.
+
+    Args:
+        fn: the worker function (module-level, importable by workers).
+        config: JSON-able config passed to every worker.
+        world_size: number of workers (ranks).
+        device: ``cpu`` (gloo) or ``cuda`` (nccl, one GPU per worker).
+        cpus_per_worker: CPUs reserved per worker.
+        max_failures: worker-group restarts tolerated (resume from the latest checkpoint).
+        storage_path: where Ray persists checkpoints (absolute local path or s3://).
+        name: run name (a subdirectory of ``storage_path``; reusing it resumes that run).
+        score: metric that ranks checkpoints (max is best); None keeps the latest.
+        keep: checkpoints kept (the latest is always kept too).
+
+    Returns:
+        A :class:`RunResult` with a local copy of the best (or latest) checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        fn,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=world_size, use_gpu=device == "cuda",
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if device == "cuda" else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if device == "cuda" else "gloo"),
+        run_config=RunConfig(
+            name=name, storage_path=_storage(storage_path), storage_filesystem=_filesystem(storage_path),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=score,
+                                               checkpoint_score_order="max"),
+        ),
+    )
+    result = trainer.fit()
+    chosen = result.checkpoint
+    if score and result.best_checkpoints:
+        chosen = result.get_best_checkpoint(metric=score, mode="max") or chosen
+    workdir = Path(tempfile.mkdtemp(prefix="mdlora-ckpt-"))
+    local = Path(chosen.to_directory(str(workdir / "checkpoint"))) if chosen else None
+    return RunResult(checkpoint=local, metrics=dict(result.metrics or {}), workdir=workdir)
+
+
+def _storage(path: str) -> str:
+    return path[len("s3://"):] if path.startswith("s3://") else os.path.abspath(path)
+
+
+def _filesystem(path: str):
+    """pyarrow filesystem for S3 storage built from infra.storage's fsspec options, else None."""
+    if not path.startswith("s3://"):
+        return None
+    import pyarrow.fs
+
+    from infra.storage import open_fs
+
+    fs, _ = open_fs(path)
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def worker_env(device: str) -> DistEnv:
+    """This worker's :class:`DistEnv` from the Ray Train context (read once per worker)."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    local = ctx.get_local_rank()
+    dev = torch.device(f"cuda:{local}") if device == "cuda" else torch.device("cpu")
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    return DistEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), local_rank=local, device=dev)
+
+
+@contextlib.contextmanager
+def resume_dir() -> Iterator[Path | None]:
+    """The latest committed checkpoint of this run as a local dir, or None on a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as d:
+        yield Path(d)
+
+
+def report(metrics: dict, save: Callable[[Path], None] | None) -> None:
+    """Report metrics (every rank); with ``save``, this rank's checkpoint files go along."""
+    import ray.train
+
+    clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) or v is None}
+    if save is None:
+        ray.train.report(clean)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="mdlora-rank-ckpt-"))
+    try:
+        save(tmp)
+        ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def map_tasks(fn: Callable, items: list, num_cpus: int = 1) -> list:
+    """``[fn(item) for item in items]`` as parallel Ray tasks (``num_cpus`` each), results in order.
+
+    Args:
+        fn: a module-level (picklable) function of one argument.
+        items: its arguments (large tensors are shipped through the object store).
+        num_cpus: CPUs reserved per task.
+
+    Returns:
+        The results, in the order of ``items``.
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, max_retries=1)(fn)
+    return ray.get([remote.remote(item) for item in items])
+
+
+def available_cpus() -> int:
+    """CPUs of the Ray cluster this process is connected to (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -1,0 +1,60 @@
+"""``mdlora plan``: the embedding sharding plan and per-rank memory for a topology you need not have.
+
+mdlora plan --config run.yaml --world-size 8 --device cuda --hbm-gb 80 [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from embeddings import sharding
+from embeddings.schema import Schema
+from embeddings.tables import build_ebc
+from trainer.config import load_run_config
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``mdlora plan``."""
+    parser.add_argument("--config", help="run config YAML (data.schema names the schema)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
+    )
+    parser.add_argument(
+        "--world-size", type=int, help="ranks to plan for (default: dist.world_size)"
+    )
+    parser.add_argument(
+        "--device", choices=list(sharding.DEVICE_TYPES), help="default: dist.device"
+    )
+    parser.add_argument("--hbm-gb", type=float, help="memory per rank in GB (default: dist.hbm_gb)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Plan the schema's tables for the topology and print the plan; ValueError when they do not fit."""
+    cfg = load_run_config(args.config, args.set)
+    if not cfg.data.schema:
+        raise ValueError("data.schema: a schema path is required to plan")
+    schema_path = Path(cfg.data.schema)
+    if args.config and not schema_path.is_absolute():
+        schema_path = Path(args.config).parent / schema_path
+    schema = Schema.load(schema_path)
+    world = args.world_size or cfg.dist.world_size
+    device = args.device or cfg.dist.device
+    if world < 1:
+        raise ValueError(f"--world-size: must be >= 1, got {world}")
+    ebc = build_ebc(schema)  # meta: nothing is allocated
+    sharding.apply_sparse_optimizer(ebc, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, device)
+    plan = sharding.plan_for(
+        ebc,
+        world,
+        device,
+        hbm_gb=cfg.dist.hbm_gb if args.hbm_gb is None else args.hbm_gb,
+        sharding_types=cfg.dist.sharding_types,
+        table_sharding=cfg.dist.table_sharding,
+        batch_size=max(1, cfg.data.batch_size // world),
+    )
+    d = sharding.plan_to_dict(plan, schema.tables, cfg.optim.sparse_optimizer, world_size=world)
+    print(json.dumps(d, indent=2) if args.json else sharding.format_plan(d))
+    return 0

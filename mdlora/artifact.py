@@ -1,0 +1,129 @@
+"""Self-describing artefact directories (backbone snapshots, adapter bundles): the common part.
+
+An artefact is a directory of data files plus ``manifest.json``, written **last**. The manifest
+is a JSON object with at least::
+
+    {"format_version": 1, "kind": "...", "files": {"<relpath>": "<sha256>"}, "content_hash": "..."}
+
+``content_hash`` is :func:`mdlora.atomic.sha256_tree` over the data files, so two artefacts with
+the same bytes have the same hash. A directory without a manifest is incomplete: readers and the
+registry ignore it. The checks here take an fsspec filesystem so that the same code verifies a
+local directory and an ``s3://`` prefix.
+
+Example::
+
+    with staging_dir(dest) as tmp:
+        save_file(tensors, tmp / "weights.safetensors")
+        manifest = seal(tmp, {"format_version": 1, "kind": "backbone", "name": "ctr"})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import fsspec
+
+from mdlora.atomic import sha256_tree, write_json
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(ValueError):
+    """An artefact is missing its manifest, is corrupt, or does not match what the caller expects."""
+
+
+def local_fs() -> fsspec.AbstractFileSystem:
+    """The local fsspec filesystem (the default for the checks below)."""
+    return fsspec.filesystem("file")
+
+
+def seal(directory: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Hash every data file under ``directory`` and write ``manifest.json`` last, atomically.
+
+    Args:
+        directory: a local directory holding the data files (usually a ``staging_dir``).
+        manifest: manifest fields; ``files`` and ``content_hash`` are filled in here.
+
+    Returns:
+        The manifest as written (a new dict).
+    """
+    content_hash, files = sha256_tree(directory, exclude=(MANIFEST,))
+    out = {**manifest, "files": files, "content_hash": content_hash}
+    write_json(Path(directory) / MANIFEST, out)
+    return out
+
+
+def read_manifest(directory: str, fs: fsspec.AbstractFileSystem | None = None) -> dict[str, Any]:
+    """Read ``<directory>/manifest.json``.
+
+    Args:
+        directory: artefact directory (local path or in-filesystem path of ``fs``).
+        fs: filesystem; local by default.
+
+    Returns:
+        The manifest as a dict (it has a ``files`` mapping).
+
+    Raises:
+        ArtifactError: the manifest is missing (the artefact is incomplete), not JSON, or has no
+            ``files`` mapping; the message names the path.
+    """
+    fs = fs or local_fs()
+    path = f"{str(directory).rstrip('/')}/{MANIFEST}"
+    try:
+        with fs.open(path, "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{directory}: missing manifest ({MANIFEST}); the artefact is incomplete"
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise ArtifactError(f"{path}: expected a JSON object with a 'files' mapping")
+    return data
+
+
+def _safe_relpath(rel: str) -> bool:
+    p = PurePosixPath(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts and rel != MANIFEST
+
+
+def sha256_fs(fs: fsspec.AbstractFileSystem, path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file read through ``fs`` (streamed in ``chunk``-byte blocks)."""
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_files(
+    directory: str, files: dict[str, str], fs: fsspec.AbstractFileSystem | None = None
+) -> list[str]:
+    """Compare each listed file's sha256 with the manifest.
+
+    Args:
+        directory: artefact directory (local path or in-filesystem path of ``fs``).
+        files: ``{relpath: sha256}`` from the manifest.
+        fs: filesystem; local by default.
+
+    Returns:
+        One line per problem (unsafe path, missing file, checksum mismatch), each naming the file;
+        empty when every file matches.
+    """
+    fs = fs or local_fs()
+    problems = []
+    for rel, digest in sorted(files.items()):
+        path = f"{str(directory).rstrip('/')}/{rel}"
+        if not _safe_relpath(rel):
+            problems.append(f"{rel!r}: unsafe file name in manifest")
+        elif not fs.exists(path):
+            problems.append(f"{path}: listed in the manifest but missing")
+        elif (actual := sha256_fs(fs, path)) != digest:
+            problems.append(
+                f"{path}: sha256 mismatch (manifest {digest[:12]}, file {actual[:12]}); the file was modified or corrupted"
+            )
+    return problems

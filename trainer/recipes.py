@@ -1,0 +1,102 @@
+"""Build, shard and wire a pretrain run inside one worker process. No Ray, no I/O of logs.
+
+``setup_pretrain`` is called on every rank after the process group exists (Ray Train or
+torchrun made it). It builds the model on the meta device, plans and applies TorchRec
+sharding, creates the dense optimiser and LR schedule, and returns the closures that save and
+load this rank's checkpoint files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from embeddings import checkpoint as ckpt
+from embeddings import sharding
+from embeddings.schema import Schema
+from embeddings.tables import build_ebc
+from mdlora.atomic import write_json
+from trainer.backbone import build_backbone
+from trainer.config import RunConfig
+from trainer.env import DistEnv
+from trainer.loop import TrainState, lr_factor
+from trainer.task import CTRTask
+
+STATE_FILE = "train_state.json"
+PLAN_FILE = "plan.json"
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs from a built, sharded model."""
+
+    model: torch.nn.Module
+    """DistributedModelParallel(CTRTask) (a 1-rank process group at world size 1)."""
+    optimizer: torch.optim.Optimizer
+    """Dense Adam (embeddings are updated by the fused optimiser inside backward)."""
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    """Dense LR schedule (a pure function of the step)."""
+    dense_params: list[torch.nn.Parameter]
+    """Parameters the dense optimiser owns (for gradient clipping)."""
+    plan: dict
+    """JSON form of the sharding plan."""
+
+    def save(self, directory: Path, state: TrainState) -> None:
+        """Write this rank's checkpoint shards (+ state and plan on rank 0) into ``directory``."""
+        ckpt.write_shards(directory, self.model, self.optimizer)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        write_json(directory / STATE_FILE, state.to_dict())
+        write_json(directory / PLAN_FILE, self.plan)
+
+    def load(self, directory: Path) -> TrainState:
+        """Restore weights and optimiser state from a checkpoint dir (any world size)."""
+        ckpt.read_shards(directory, self.model, self.optimizer)
+        return TrainState.from_dict(json.loads((directory / STATE_FILE).read_text()))
+
+
+def setup_pretrain(cfg: RunConfig, env: DistEnv, schema: Schema, total_steps: int) -> Setup:
+    """Build the backbone on meta, shard its tables over the process group, wire optimisers.
+
+    Args:
+        cfg: the run config.
+        env: this rank's place in the job.
+        schema: the log schema (tables, features).
+        total_steps: planned optimiser steps (for the cosine schedule).
+
+    Returns:
+        The :class:`Setup` for :func:`trainer.loop.train`.
+    """
+    torch.manual_seed(cfg.loop.seed)  # same dense init on every rank (DDP also broadcasts)
+    ebc = build_ebc(schema, device="meta")
+    task = CTRTask(build_backbone(schema, cfg.model, ebc))
+    o = cfg.optim
+    sharding.apply_sparse_optimizer(task, o.sparse_optimizer, o.sparse_lr, env.device.type)
+    plan = sharding.plan_for(
+        task, env.world_size, env.device.type,
+        hbm_gb=cfg.dist.hbm_gb, sharding_types=cfg.dist.sharding_types,
+        table_sharding=cfg.dist.table_sharding, batch_size=max(1, cfg.data.batch_size // env.world_size),
+        pg=torch.distributed.group.WORLD if env.distributed else None,
+    )
+    model = sharding.shard_model(task, plan=plan, device=env.device,
+                                 sparse_optimizer=o.sparse_optimizer, sparse_lr=o.sparse_lr)
+    params = list(sharding.dense_params(model))
+    optimizer = torch.optim.Adam(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup=o.warmup_steps, total=total_steps, schedule=o.schedule)
+    )
+    return Setup(model, optimizer, scheduler, params, sharding.plan_to_dict(plan, schema.tables, o.sparse_optimizer))
+
+
+def load_unsharded(directory: str | Path, schema: Schema, model_cfg) -> CTRTask:
+    """A published backbone / checkpoint loaded whole into one process (CPU, eval mode).
+
+    The shards were written by any number of ranks under any plan; DCP reads them into
+    unsharded tables here (resharding N -> 1), so predictions equal the sharded model's.
+    """
+    task = CTRTask(build_backbone(schema, model_cfg, build_ebc(schema, device="cpu")))
+    ckpt.read_shards(Path(directory), task)
+    return task.eval()
