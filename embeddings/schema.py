@@ -55,9 +55,9 @@ class TableSpec:
     def __post_init__(self) -> None:
         check_name(self.name, "table name")
         if self.num_embeddings < 1:
-            raise ValueError(f"tables.{self.name}.num_embeddings: must be >= 1, got {self.num_embeddings}")
+            raise ValueError(f"num_embeddings: must be >= 1, got {self.num_embeddings} (table {self.name!r})")
         if self.dim < 1:
-            raise ValueError(f"tables.{self.name}.dim: must be >= 1, got {self.dim}")
+            raise ValueError(f"dim: must be >= 1, got {self.dim} (table {self.name!r})")
 
 
 @dataclass(kw_only=True)
@@ -82,7 +82,7 @@ class SparseFeature:
         check_name(self.name, "sparse feature name")
         self.column = self.column or self.name
         if self.max_len is not None and (not self.multi or self.max_len < 1):
-            raise ValueError(f"sparse.{self.name}.max_len: needs multi: true and a value >= 1")
+            raise ValueError(f"max_len: needs multi: true and a value >= 1 (feature {self.name!r})")
 
 
 @dataclass(kw_only=True)
@@ -106,7 +106,7 @@ class DenseFeature:
         check_name(self.name, "dense feature name")
         self.column = self.column or self.name
         if self.std <= 0:
-            raise ValueError(f"dense.{self.name}.std: must be > 0, got {self.std}")
+            raise ValueError(f"std: must be > 0, got {self.std} (feature {self.name!r})")
 
 
 @dataclass(kw_only=True)

@@ -114,6 +114,7 @@ def _synced(batches: Iterable[Batch], env: DistEnv) -> Iterator[tuple[Batch, boo
     it, last = iter(batches), None
     while True:
         batch = next(it, None)
+        batch = None if batch is not None and len(batch) == 0 else batch  # ranks' last batches may be empty
         more = torch.tensor([0 if batch is None else 1])
         if env.distributed:
             torch.distributed.all_reduce(more, op=torch.distributed.ReduceOp.MAX)
