@@ -23,6 +23,7 @@ import torch
 
 from adapters.registry import Registry
 from embeddings.batch import BatchConverter
+from embeddings.sharding import format_plan
 from embeddings.schema import Schema
 from infra import ray_backend
 from infra.log import setup_logging
@@ -86,6 +87,8 @@ def worker(config: dict) -> None:
                          f"{env.world_size} workers; lower data.batch_size")
     total = cfg.loop.max_steps or steps * cfg.loop.epochs
     setup = setup_pretrain(cfg, env, schema, total)
+    if env.is_main:
+        log.info("sharding plan (%d ranks):\n%s", env.world_size, format_plan(setup.plan))
     conv = BatchConverter(schema)
     def train_batches(epoch: int):
         batches = train_ds.iter_batches(

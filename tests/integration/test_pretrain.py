@@ -102,3 +102,4 @@ def test_pretrain_two_workers_survives_a_killed_worker(ray_local, logs, tmp_path
     assert abs(again["logloss"] - best["val"]["logloss"]) < 1e-6
     for name, d in again["domains"].items():
         assert abs(d["auc"] - best["val"]["domains"][name]["auc"]) < 1e-6
+
