@@ -13,7 +13,8 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     Library loggers (torchrec, fbgemm, ray) stay at WARNING so progress lines are readable.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("torchrec", "fbgemm_gpu", "torch.distributed"):
+    logging.getLogger().setLevel(logging.WARNING)  # fbgemm logs through the root logger
+    for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
     ours = logging.getLogger("mdlora")
     ours.propagate = False

@@ -26,7 +26,6 @@ from embeddings.batch import BatchConverter
 from embeddings.sharding import format_plan
 from embeddings.schema import Schema
 from infra import ray_backend
-from infra.log import setup_logging
 from infra.logs import LogDataset
 from infra.storage import is_s3, open_fs
 from mdlora import __version__
@@ -77,7 +76,6 @@ def worker(config: dict) -> None:
     cfg = from_dict(RunConfig, config["run"])
     env = ray_backend.worker_env(cfg.dist.device)
     torch.set_num_threads(cfg.dist.cpus_per_worker)
-    setup_logging(env.rank)
     schema = load_schema(cfg.data.schema)
     train_ds, val_ds = datasets(cfg, schema)
     local_batch = max(1, cfg.data.batch_size // env.world_size)

@@ -12,6 +12,7 @@ which is what makes a checkpoint commit atomic. After a worker failure
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -78,7 +79,7 @@ def run_workers(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
-        fn,
+        functools.partial(_entry, fn),
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=world_size, use_gpu=device == "cuda",
@@ -99,6 +100,16 @@ def run_workers(
     workdir = Path(tempfile.mkdtemp(prefix="mdlora-ckpt-"))
     local = Path(chosen.to_directory(str(workdir / "checkpoint"))) if chosen else None
     return RunResult(checkpoint=local, metrics=dict(result.metrics or {}), workdir=workdir)
+
+
+def _entry(fn: Callable[[dict], None], config: dict) -> None:
+    """Every worker: quiet library loggers, mdlora progress on rank 0 only, then ``fn``."""
+    import ray.train
+
+    from infra.log import setup_logging
+
+    setup_logging(ray.train.get_context().get_world_rank())
+    fn(config)
 
 
 def _storage(path: str) -> str:
