@@ -9,10 +9,12 @@ rank embeds its own rows), and the adapters then train on :class:`Head` — a fr
 tower and output layer, ``logit = out(tower(x))`` — with per-domain LoRA injected into its Linears.
 Embeddings get no gradients and no optimiser state, and a step costs only the small head.
 
-* MLoRA (:func:`train_mlora`): every domain is independent: a fresh head copy holding only that
-  domain's adapter, its own single-domain batches, its own Adam, its own early stopping on its
-  validation AUC (the best state is kept). Results do not depend on which other domains run in
-  the same process, so callers may partition domains over processes freely.
+* MLoRA (:func:`train_mlora`): every domain is independent: its own init seed, its own
+  single-domain batches, its own Adam state, its own early stopping on its validation AUC (the
+  best state is kept). Up to ``pack`` domains share one routed head copy so that a step carries
+  one batch of each (steps follow the largest domain, not the number of domains); results do
+  not depend on the pack or process a domain lands in (up to float rounding), so callers may
+  partition domains over processes freely.
 * MultiLoRA (:func:`train_multilora`): the aux-value LoRAs are shared by all domains, so domains
   train jointly on mixed batches; each domain still has its own Adam (stepped only on batches
   holding its rows), early stopping and best state; a stopped domain's rows leave the batches.
@@ -23,6 +25,7 @@ alone and with the adapter, and the sample count.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import zlib
 from collections.abc import Iterable
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 
 from adapters.config import LoraConfig
 from adapters.inject import AdaptedModel, inject
+from adapters.lora import DomainLoRALinear
 from embeddings.batch import Batch
 from trainer.backbone import Backbone
 from trainer.config import AdaptTrainConfig, LoopConfig
@@ -82,6 +86,12 @@ class Features:
         """``(x, labels, domains, aux)``."""
         return self.x, self.labels, self.domains, self.aux
 
+    def split(self, seed: int, validation: float = 0.1) -> dict[str, Features]:
+        """Seeded random ``{"train", "validation"}`` partition; validation gets floor(N·share) rows."""
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        cut = len(self) - int(len(self) * validation)
+        return {"train": self.select(perm[:cut]), "validation": self.select(perm[cut:])}
+
 
 @torch.no_grad()
 def materialise(backbone: Backbone, batches: Iterable[Batch]) -> Features:
@@ -89,7 +99,8 @@ def materialise(backbone: Backbone, batches: Iterable[Batch]) -> Features:
 
     Args:
         backbone: the backbone (unsharded, or the inner module of a DMP: its sharded EBC runs the
-            all-to-all, so every rank must pass the same number of batches; 0-row batches are fine).
+            all-to-all, so every rank passes the same number of batches; it takes 0-row batches,
+            which an unsharded EBC rejects).
         batches: this rank's batches.
 
     Returns:
@@ -123,7 +134,7 @@ class Head(nn.Module):
         return self.out(self.tower(x)).squeeze(1)
 
     def param_count(self) -> int:
-        """Dense backbone parameters (tower + output), the denominator of ``param_share``."""
+        """Dense backbone parameters (tower + output): the denominator of ``param_share``."""
         return sum(p.numel() for p in self.parameters())
 
 
@@ -155,17 +166,15 @@ def predict(model: nn.Module, adapted: AdaptedModel | None, feats: Features,
     model.eval()
     out = []
     for lo in range(0, len(feats), EVAL_ROWS):
-        x = feats.x[lo:lo + EVAL_ROWS]
-        if adapted is None:
-            out.append(torch.sigmoid(model(x)))
-            continue
-        aux = None if aux_col is None else feats.aux[lo:lo + EVAL_ROWS, aux_col]
-        with adapted.routing(slots[lo:lo + EVAL_ROWS], aux):
-            out.append(torch.sigmoid(model(x)))
+        rows = slice(lo, lo + EVAL_ROWS)
+        aux = None if aux_col is None else feats.aux[rows, aux_col]
+        with adapted.routing(slots[rows], aux) if adapted is not None else contextlib.nullcontext():
+            out.append(torch.sigmoid(model(feats.x[rows])))
     return torch.cat(out) if out else torch.zeros(0)
 
 
 def _score(probs: Tensor, labels: Tensor) -> dict:
+    """``{"auc", "logloss", "n", "pos_rate"}`` of one group of rows."""
     m = DomainMetrics(["d"])
     m.update(probs, labels, torch.zeros_like(labels, dtype=torch.long))
     return m.compute(gather=False)["domains"]["d"]
@@ -188,64 +197,129 @@ def _batches(n: int, size: int, gen: torch.Generator) -> list[Tensor]:
     return [perm[i:i + size] for i in range(0, n, size)]
 
 
-def train_mlora_domain(head: Head, lora: LoraConfig, domain: str, splits: dict[str, Features],
-                       cfg: AdaptTrainConfig, loop: LoopConfig) -> DomainResult:
-    """Train one domain's MLoRA adapter on its own rows (independent of every other domain).
-
-    Args:
-        head: the frozen head (copied here, never modified).
-        lora: adapter config (``method`` mlora).
-        domain: the domain name.
-        splits: this domain's rows: ``train`` (required), ``validation`` and ``test`` (optional).
-        cfg: learning rate, batch size.
-        loop: ``epochs``, ``patience`` (epochs without a better validation score), ``seed``.
-
-    Returns:
-        The :class:`DomainResult` (state at the best validation epoch).
-    """
-    seed = domain_seed(loop.seed, domain)
-    model = copy.deepcopy(head)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        adapted = inject(model, lora, [domain], root="tower")
-    params = list(adapted.adapter_params(domain).values())
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train, val = splits["train"], splits.get("validation")
-    zeros = lambda f: torch.zeros(len(f), dtype=torch.long)  # noqa: E731
-    gen = torch.Generator().manual_seed(seed)
-    best_state, best, result = adapted.state_for(domain), None, DomainResult(domain, {})
-    if val is not None and len(val):
-        best = _val_score(predict(model, adapted, val, zeros(val)), val.labels)
-    for epoch in range(1, loop.epochs + 1):
-        model.train()
-        for idx in _batches(len(train), cfg.batch_size, gen):
-            with adapted.routing(torch.zeros(len(idx), dtype=torch.long)):
-                loss = F.binary_cross_entropy_with_logits(model(train.x[idx]), train.labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        score = None if val is None or not len(val) else _val_score(
-            predict(model, adapted, val, zeros(val)), val.labels)
-        result.history.append(score)
-        if score is None or best is None or score > best:
-            best, best_state, result.best_epoch = score, adapted.state_for(domain), epoch
-        elif loop.patience and epoch - result.best_epoch >= loop.patience:
-            break
-    adapted.load_state_for(domain, best_state)
-    result.state, result.train_samples = best_state, len(train)
-    for split in SPLITS:
-        f = splits.get(split)
-        if f is not None and len(f):
-            result.metrics[split] = compare(predict(head, None, f), predict(model, adapted, f, zeros(f)),
-                                            f.labels)
-    return result
+def _initial_states(adapted: AdaptedModel, lora: LoraConfig, domains: list[str], seed: int) -> None:
+    """Give each domain the zero-update init it would get alone (``inject`` with only it, seeded
+    by :func:`domain_seed`): the same RNG draws in the same layer order, whatever its pack."""
+    for d in domains:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(domain_seed(seed, d))
+            for layer in adapted.layers.values():
+                fresh = DomainLoRALinear(layer.base, [d], layer.lora.rank, scaling=lora.scaling, init=lora.init)
+                layer.load_domain_state(d, fresh.domain_state(d))
 
 
 def train_mlora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[str],
                 splits: dict[str, Features], cfg: AdaptTrainConfig, loop: LoopConfig) -> list[DomainResult]:
-    """:func:`train_mlora_domain` for each of ``domains`` (ids into ``vocab``) on its own rows."""
-    return [train_mlora_domain(head, lora, d, {s: f.of_domain(vocab.index(d)) for s, f in splits.items()},
-                               cfg, loop) for d in domains]
+    """Train each of ``domains`` (ids into ``vocab``) on its own rows, ``cfg.pack`` at a time.
+
+    A pack of P domains shares one routed model but nothing else: step i holds the i-th batch of
+    each domain still in its epoch, the loss is ``sum_d mean_{rows of d} BCE`` (so each domain's
+    gradient is its single-domain batch gradient), domains without a batch in the step get no
+    gradient (``grad = None``: Adam skips them, and Adam state is per parameter), and every domain
+    stops on its own validation AUC. A domain's result is therefore the same — up to float
+    rounding — whatever it is packed or partitioned with, while a pack costs
+    ``max_d ceil(n_d / batch)`` steps instead of ``sum_d ceil(n_d / batch)``.
+
+    Args:
+        head: the frozen head (copied here, never modified).
+        lora: adapter config (``method`` mlora).
+        vocab: domain vocabulary the feature ``domains`` ids index.
+        domains: domains to train.
+        splits: ``train`` (required), ``validation`` and ``test`` (optional) features.
+        cfg: learning rate, batch size, pack size.
+        loop: ``epochs``, ``patience`` (epochs without a better validation score), ``seed``.
+
+    Returns:
+        One :class:`DomainResult` per domain (state at its best validation epoch), in order.
+    """
+    out = []
+    for lo in range(0, len(domains), cfg.pack):
+        out += _train_pack(head, lora, vocab, domains[lo:lo + cfg.pack], splits, cfg, loop)
+    return out
+
+
+def train_mlora_domain(head: Head, lora: LoraConfig, domain: str, splits: dict[str, Features],
+                       cfg: AdaptTrainConfig, loop: LoopConfig) -> DomainResult:
+    """:func:`train_mlora` of one domain whose rows are all of ``splits``."""
+    own = {s: Features(f.x, f.labels, torch.zeros_like(f.domains), f.aux) for s, f in splits.items()}
+    return train_mlora(head, lora, [domain], [domain], own, cfg, loop)[0]
+
+
+def _train_pack(head: Head, lora: LoraConfig, vocab: list[str], pack: list[str],
+                splits: dict[str, Features], cfg: AdaptTrainConfig, loop: LoopConfig) -> list[DomainResult]:
+    model = copy.deepcopy(head)
+    adapted = inject(model, lora, pack, root="tower")
+    _initial_states(adapted, lora, pack, loop.seed)
+    own = {d: list(adapted.adapter_params(d).values()) for d in pack}
+    opt = torch.optim.Adam(adapted.adapter_params().values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lut = torch.full((len(vocab),), -1, dtype=torch.long)
+    lut[[vocab.index(d) for d in pack]] = torch.arange(len(pack))
+    part = {s: f.select(lut[f.domains] >= 0) for s, f in splits.items()}
+    slots = {s: lut[f.domains] for s, f in part.items()}
+    train, val = part["train"], part.get("validation")
+    rows = [torch.nonzero(slots["train"] == k).squeeze(1) for k in range(len(pack))]
+    gens = [torch.Generator().manual_seed(domain_seed(loop.seed, d)) for d in pack]
+    results = [DomainResult(d, adapted.state_for(d)) for d in pack]
+    best = _val_scores(model, adapted, val, slots.get("validation"), len(pack))
+    active = set(range(len(pack)))
+    for epoch in range(1, loop.epochs + 1):
+        model.train()
+        orders = {k: _batches(len(rows[k]), cfg.batch_size, gens[k]) for k in sorted(active)}
+        for step in range(max((len(o) for o in orders.values()), default=0)):
+            batch = [(k, rows[k][o[step]]) for k, o in orders.items() if step < len(o)]
+            idx = torch.cat([i for _, i in batch])
+            slot = torch.cat([torch.full((len(i),), k) for k, i in batch])
+            weight = torch.cat([torch.full((len(i),), 1.0 / len(i)) for _, i in batch])
+            with adapted.routing(slot):
+                per_row = F.binary_cross_entropy_with_logits(model(train.x[idx]), train.labels[idx],
+                                                             reduction="none")
+            opt.zero_grad(set_to_none=True)
+            (per_row * weight).sum().backward()
+            stepping = {k for k, _ in batch}
+            for k in set(range(len(pack))) - stepping:
+                for p in own[pack[k]]:
+                    p.grad = None  # Adam skips it: no update, no state change
+            opt.step()
+        scores = _val_scores(model, adapted, val, slots.get("validation"), len(pack))
+        for k in sorted(active):
+            r = results[k]
+            r.history.append(scores[k])
+            if scores[k] is None or best[k] is None or scores[k] > best[k]:
+                best[k], r.state, r.best_epoch = scores[k], adapted.state_for(pack[k]), epoch
+            elif loop.patience and epoch - r.best_epoch >= loop.patience:
+                active.discard(k)
+        if not active:
+            break
+    for k, r in enumerate(results):
+        if r.best_epoch != len(r.history):  # the kept state is not the current one
+            adapted.load_state_for(r.domain, r.state)
+        r.train_samples = len(rows[k])
+    _final_metrics(head, model, adapted, part, slots, results)
+    return results
+
+
+def _final_metrics(head: Head, model: nn.Module, adapted: AdaptedModel, part: dict[str, Features],
+                   slots: dict[str, Tensor], results: list[DomainResult], aux_col: int | None = None) -> None:
+    """Fill each result's validation/test metrics: frozen head vs the assembled adapted model."""
+    for split in SPLITS:
+        f = part.get(split)
+        if f is None or not len(f):
+            continue
+        base, mine = predict(head, None, f), predict(model, adapted, f, slots[split], aux_col)
+        for k, r in enumerate(results):
+            m = slots[split] == k
+            if m.any():
+                r.metrics[split] = compare(base[m], mine[m], f.labels[m])
+
+
+def _val_scores(model: nn.Module, adapted: AdaptedModel, val: Features | None, slots: Tensor | None,
+                k: int, aux_col: int | None = None) -> list[float | None]:
+    """Validation score of each of ``k`` routed domains (None: no validation rows)."""
+    if val is None or not len(val):
+        return [None] * k
+    probs = predict(model, adapted, val, slots, aux_col)
+    return [_val_score(probs[slots == j], val.labels[slots == j]) if (slots == j).any() else None
+            for j in range(k)]
 
 
 def train_multilora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[str],
@@ -287,12 +361,14 @@ def train_multilora(head: Head, lora: LoraConfig, vocab: list[str], domains: lis
     part = {s: f.select(lut[f.domains] >= 0) for s, f in splits.items()}
     slots = {s: lut[f.domains] for s, f in part.items()}
     results = {d: DomainResult(d, adapted.state_for(d)) for d in domains}
-    best: dict[str, float | None] = dict.fromkeys(domains)
-    active, gen = set(domains), torch.Generator().manual_seed(domain_seed(loop.seed, "multilora"))
-    train = part["train"]
+    val = part.get("validation")
+    # init = the frozen backbone (fresh BN in eval ~ identity): kept when never beaten on validation
+    scores = _val_scores(model, adapted, val, slots.get("validation"), len(domains), aux_col)
+    best = dict(zip(domains, scores, strict=True))
+    active, gen, train = set(domains), torch.Generator().manual_seed(domain_seed(loop.seed, "multilora")), part["train"]
     for epoch in range(1, loop.epochs + 1):
-        keep = torch.tensor([domains[s] in active for s in slots["train"].tolist()], dtype=torch.bool)
-        rows = torch.nonzero(keep).squeeze(1)
+        live = torch.tensor([d in active for d in domains], dtype=torch.bool)
+        rows = torch.nonzero(live[slots["train"]]).squeeze(1)
         model.train()
         for idx in _batches(len(rows), cfg.batch_size, gen):
             idx = rows[idx]
@@ -305,14 +381,11 @@ def train_multilora(head: Head, lora: LoraConfig, vocab: list[str], domains: lis
             for d, o in opts.items():
                 if d == "" or d in present:
                     o.step()
-        val = part.get("validation")
-        probs = predict(model, adapted, val, slots["validation"], aux_col) if val is not None else None
+        scores = _val_scores(model, adapted, val, slots.get("validation"), len(domains), aux_col)
         for k, d in enumerate(domains):
             if d not in active:
                 continue
-            m = slots["validation"] == k if val is not None else None
-            score = None if m is None or not m.any() else _val_score(probs[m], val.labels[m])
-            results[d].history.append(score)
+            results[d].history.append(score := scores[k])
             if score is None or best[d] is None or score > best[d]:
                 best[d], results[d].state, results[d].best_epoch = score, adapted.state_for(d), epoch
             elif loop.patience and epoch - results[d].best_epoch >= loop.patience:
@@ -322,13 +395,5 @@ def train_multilora(head: Head, lora: LoraConfig, vocab: list[str], domains: lis
     for d in domains:
         adapted.load_state_for(d, results[d].state)
         results[d].train_samples = int((slots["train"] == domains.index(d)).sum())
-    for split in SPLITS:
-        f = part.get(split)
-        if f is None or not len(f):
-            continue
-        base, mine = predict(head, None, f), predict(model, adapted, f, slots[split], aux_col)
-        for k, d in enumerate(domains):
-            m = slots[split] == k
-            if m.any():
-                results[d].metrics[split] = compare(base[m], mine[m], f.labels[m])
+    _final_metrics(head, model, adapted, part, slots, [results[d] for d in domains], aux_col)
     return [results[d] for d in domains], adapted.shared_state()

@@ -206,6 +206,9 @@ class AdaptTrainConfig:
     """Rows per adapter step (single-domain batches for MLoRA, mixed for MultiLoRA)."""
     tasks: int = 0
     """Parallel Ray tasks the MLoRA domains are partitioned over (0: one per available CPU)."""
+    pack: int = 16
+    """MLoRA domains trained together in one routed model (each keeps its own batches, Adam
+    state and early stopping; a step holds one batch of each): steps follow the largest domain."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -216,6 +219,8 @@ class AdaptTrainConfig:
             raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.tasks < 0:
             raise ValueError(f"tasks: must be >= 0, got {self.tasks}")
+        if self.pack < 1:
+            raise ValueError(f"pack: must be >= 1, got {self.pack}")
 
 
 @dataclass(kw_only=True)

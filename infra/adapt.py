@@ -1,0 +1,310 @@
+"""``mdlora adapt`` / ``mdlora add-domain``: per-domain LoRA on a published, frozen backbone.
+
+Pipeline (the design is in README "Adapters"):
+
+1. **Materialise once, sharded.** A Ray Train job (``dist.world_size`` gloo workers) builds the
+   backbone exactly as pretraining does (meta EBC -> plan -> DMP; fused optimiser ``sgd``, so no
+   optimiser state), loads the published DCP shards (any world size), and runs the frozen
+   ``Backbone.embed`` over its share of each split. Every rank writes ``<split>-rank<r>``
+   safetensors (x [n, E] f32, labels, domains, aux) into its Ray checkpoint; Ray commits the
+   ranks' files as one checkpoint under ``output.run_dir`` (the feature cache). Rank 0 also
+   writes the head (tower + output) weights. No worker holds a full copy of the tables.
+2. **Train.** MLoRA: domains are partitioned over Ray tasks (``train.tasks``, default one per
+   CPU), each training its domains independently (:func:`trainer.adapt.train_mlora`).
+   MultiLoRA: one joint run (shared aux LoRAs).
+3. **Publish** one bundle per domain and promote it when the domain has no production yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters.bundle import BackboneRef, BundleManifest, load_bundle, write_bundle
+from adapters.registry import Registry
+from embeddings.batch import BatchConverter
+from embeddings.checkpoint import read_shards
+from embeddings.schema import Schema
+from embeddings.tables import build_ebc
+from infra import ray_backend
+from infra.logs import LogDataset
+from infra.pretrain import load_schema, resolve_paths
+from infra.storage import is_s3, open_fs
+from mdlora.artifact import read_manifest
+from mdlora.config import from_dict, to_dict
+from trainer.adapt import DomainResult, Features, Head, materialise, train_mlora, train_multilora
+from trainer.backbone import build_backbone
+from trainer.config import AdaptConfig, RunConfig
+from trainer.recipes import setup_pretrain
+
+log = logging.getLogger("mdlora.adapt")
+HEAD = "head.safetensors"
+SHARED = "shared."
+_BN_STATS = ("running_mean", "running_var", "num_batches_tracked")  # buffers, not parameters
+
+
+@dataclass
+class BackboneInfo:
+    """A published backbone as adapters see it."""
+
+    name: str
+    version: str
+    path: Path
+    """Local directory of the version (fetched when the registry is on S3)."""
+    content_hash: str
+    schema: Schema
+    run: RunConfig
+    """The config it was pretrained with (model architecture)."""
+
+    def ref(self) -> BackboneRef:
+        """The bundle manifest's backbone reference."""
+        return BackboneRef(name=self.name, version=self.version, content_hash=self.content_hash)
+
+
+def open_backbone(root: str, model: str, ref: str, cache: str | Path) -> BackboneInfo:
+    """Resolve ``backbones/<model>/<ref>`` in the registry at ``root`` to a local, checked copy."""
+    registry = Registry(*open_fs(root))
+    path = registry.fetch("backbones", model, ref, cache)
+    manifest = read_manifest(str(path))
+    version = Path(registry.resolve("backbones", model, ref)).name
+    schema = Schema.load(path / "schema.yaml")
+    run = from_dict(RunConfig, json.loads((path / "config.json").read_text()))
+    return BackboneInfo(model, version, Path(path), manifest["content_hash"], schema, run)
+
+
+def _schema(cfg: AdaptConfig, backbone: BackboneInfo) -> Schema:
+    """The run's schema (``data.schema`` or the backbone's), checked against the backbone's hash."""
+    schema = load_schema(cfg.data.schema) if cfg.data.schema else backbone.schema
+    if schema.content_hash() != backbone.schema.content_hash():
+        raise ValueError(f"{cfg.data.schema}: schema hash {schema.content_hash()[:12]} differs from backbone "
+                         f"{backbone.name} {backbone.version} ({backbone.schema.content_hash()[:12]})")
+    return schema
+
+
+# ---- 1. materialise (Ray Train workers) --------------------------------------------------------
+
+
+def materialise_worker(config: dict) -> None:
+    """One Ray Train worker: sharded frozen backbone -> this rank's features of every split."""
+    cfg = from_dict(AdaptConfig, config["adapt"])
+    run = from_dict(RunConfig, config["run"])
+    run.optim.sparse_optimizer, run.dist, run.data.batch_size = "sgd", cfg.dist, cfg.data.batch_size
+    env = ray_backend.worker_env(cfg.dist.device)
+    torch.set_num_threads(cfg.dist.cpus_per_worker)
+    schema = Schema.from_dict(config["schema"])
+    setup = setup_pretrain(run, env, schema, total_steps=1)
+    task = getattr(setup.model, "module", setup.model)  # unwrapped: weights only, no optimiser state
+    read_shards(config["backbone"], task)
+    backbone = task.backbone.eval()
+    conv, local = BatchConverter(schema), max(1, cfg.data.batch_size // env.world_size)
+
+    def save(directory: Path) -> None:
+        for split, uri in config["splits"].items():
+            data = LogDataset(uri, schema, window=cfg.data.window, domains=config["domains"])
+            feats = materialise(backbone, data.iter_batches(
+                local, rank=env.rank, world_size=env.world_size, shuffle=False, drop_last=False,
+                prefetch=cfg.data.prefetch, converter=conv))
+            save_file(dict(zip(("x", "labels", "domains", "aux"), feats.tensors(), strict=True)),
+                      str(directory / f"{split}-rank{env.rank:05d}.safetensors"))
+        if env.is_main:
+            save_file(Head.of(backbone).state_dict(), str(directory / HEAD))
+
+    ray_backend.report({"rank": env.rank}, save)
+
+
+def load_features(directory: Path, split: str, width: int, aux: int) -> Features:
+    """Concatenate the ranks' cached features of one split (rank order)."""
+    parts = [Features(*(load_file(str(p))[k] for k in ("x", "labels", "domains", "aux")))
+             for p in sorted(directory.glob(f"{split}-rank*.safetensors"))]
+    return Features.cat(parts, width, aux)
+
+
+def materialise_splits(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema,
+                       splits: dict[str, str], domains: list[str], name: str) -> tuple[dict[str, Features], Head]:
+    """Run the sharded materialisation job; returns the features per split and the frozen head."""
+    ray_backend.init_ray(cfg.dist.address)
+    result = ray_backend.run_workers(
+        materialise_worker,
+        {"adapt": to_dict(cfg), "run": to_dict(backbone.run), "schema": schema.to_dict(),
+         "backbone": str(backbone.path), "splits": splits, "domains": domains},
+        world_size=cfg.dist.world_size, device=cfg.dist.device, cpus_per_worker=cfg.dist.cpus_per_worker,
+        max_failures=cfg.dist.max_failures, storage_path=cfg.output.run_dir, name=name, keep=1)
+    try:
+        if result.checkpoint is None:
+            raise RuntimeError("materialisation finished without writing features")
+        model = build_backbone(schema, backbone.run.model, build_ebc(schema, "meta"))
+        head = Head.of(model)
+        head.load_state_dict(load_file(str(result.checkpoint / HEAD)))
+        return {s: load_features(result.checkpoint, s, model.input_dim, len(schema.aux))
+                for s in splits}, head
+    finally:
+        shutil.rmtree(result.workdir, ignore_errors=True)
+
+
+# ---- 2. train ---------------------------------------------------------------------------------
+
+
+def _mlora_task(item: dict) -> list[DomainResult]:
+    """Ray task: train a partition of the MLoRA domains (module-level for pickling)."""
+    return train_mlora(item["head"], item["lora"], item["vocab"], item["domains"], item["splits"],
+                       item["train"], item["loop"])
+
+
+def train_domains(cfg: AdaptConfig, head: Head, schema: Schema, domains: list[str],
+                  splits: dict[str, Features], shared: dict | None = None) -> tuple[list[DomainResult], dict]:
+    """Train every domain's adapter; MLoRA domains over parallel Ray tasks (largest first)."""
+    vocab = schema.domain.values
+    if cfg.lora.method == "multilora":
+        aux = next((i for i, a in enumerate(schema.aux) if a.name == cfg.lora.aux), None)
+        if aux is None:
+            raise ValueError(f"lora.aux: {cfg.lora.aux!r} is not an aux division of the schema "
+                             f"({[a.name for a in schema.aux]})")
+        return train_multilora(head, cfg.lora, vocab, domains, schema.aux[aux].values, aux, splits,
+                               cfg.train, cfg.loop, shared)
+    rows = {d: int((splits["train"].domains == vocab.index(d)).sum()) for d in domains}
+    n = min(len(domains), cfg.train.tasks or ray_backend.available_cpus())
+    groups: list[list[str]] = [[] for _ in range(n)]
+    load = [0] * n
+    for d in sorted(domains, key=lambda d: -rows[d]):  # greedy: equal rows per task
+        k = int(np.argmin(load))
+        groups[k].append(d)
+        load[k] += rows[d]
+    items = []
+    for group in groups:
+        ids = torch.tensor([vocab.index(d) for d in group])
+        part = {s: f.select(torch.isin(f.domains, ids)) for s, f in splits.items()}
+        items.append({"head": head, "lora": cfg.lora, "vocab": vocab, "domains": group, "splits": part,
+                      "train": cfg.train, "loop": cfg.loop})
+    out = [_mlora_task(items[0])] if n == 1 else ray_backend.map_tasks(_mlora_task, items)
+    by_domain = {r.domain: r for results in out for r in results}
+    return [by_domain[d] for d in domains], {}
+
+
+# ---- 3. publish -------------------------------------------------------------------------------
+
+
+def _clean(metrics: dict) -> dict:
+    return {s: {k: float(v) for k, v in m.items() if v is not None} for s, m in metrics.items()}
+
+
+def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head, results: list[DomainResult],
+            shared: dict, window: dict[str, str]) -> dict[str, dict]:
+    """One bundle per domain into the registry; promote where a domain has no production yet."""
+    registry = Registry(*open_fs(cfg.output.root))
+    dense = head.param_count()
+    lora = to_dict(cfg.lora)
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="mdlora-bundles-") as tmp:
+        for r in results:
+            tensors = {**r.state, **{SHARED + k: v for k, v in shared.items()}}
+            count = sum(t.numel() for k, t in r.state.items() if not k.endswith(_BN_STATS))
+            metrics = _clean(r.metrics) | {"train": {"samples": float(r.train_samples),
+                                                     "best_epoch": float(r.best_epoch),
+                                                     "epochs_run": float(len(r.history))}}
+            manifest = BundleManifest(
+                domain=r.domain, method=cfg.lora.method, lora=lora, backbone=backbone.ref(),
+                schema_hash=schema.content_hash(), param_count=count, param_share=count / dense,
+                metrics=metrics, data_window=window)
+            write_bundle(Path(tmp) / r.domain, tensors, manifest)
+            version = registry.publish("adapters", r.domain, Path(tmp) / r.domain)
+            promoted = "production" not in registry.aliases("adapters", r.domain)
+            if promoted:
+                registry.promote("adapters", r.domain, version)
+            out[r.domain] = {"version": version, "promoted": promoted, "param_count": count,
+                             "param_share": count / dense, "metrics": metrics}
+            log.info("adapter %s %s%s: %s", r.domain, version, " (production)" if promoted else "", metrics)
+    return out
+
+
+def production_shared(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema) -> dict | None:
+    """MultiLoRA aux state of a deployed production bundle (add-domain keeps it frozen), or None."""
+    registry = Registry(*open_fs(cfg.output.root))
+    for name in registry.names("adapters"):
+        if "production" in registry.aliases("adapters", name):
+            path = registry.fetch("adapters", name, "production", _cache_dir(cfg))
+            tensors, manifest = load_bundle(path, expect_backbone_hash=backbone.content_hash,
+                                            expect_schema_hash=schema.content_hash())
+            if manifest.method == "multilora":
+                return {k[len(SHARED):]: v for k, v in tensors.items() if k.startswith(SHARED)}
+    return None
+
+
+# ---- entry points -----------------------------------------------------------------------------
+
+
+def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, splits: dict[str, str],
+         domains: list[str], shared: dict | None, seed_split: bool) -> dict:
+    t0 = time.time()
+    name = f"adapt-{cfg.output.model}-{int(t0)}"
+    feats, head = materialise_splits(cfg, backbone, schema, splits, domains, name)
+    if seed_split:  # one dataset: a seeded 9:1 train/validation split of its rows
+        feats = feats["all"].split(cfg.loop.seed)
+    t1 = time.time()
+    counts = {d: int((feats["train"].domains == schema.domain.index(d)).sum()) for d in domains}
+    empty = sorted(d for d, n in counts.items() if n == 0)
+    trained = [d for d in domains if counts[d] > 0]
+    if not trained:
+        raise ValueError(f"no training rows for any of the domains {domains} in {splits}")
+    results, shared_out = train_domains(cfg, head, schema, trained, feats, shared)
+    t2 = time.time()
+    window = {"window": cfg.data.window or "all", **splits}
+    bundles = publish(cfg, backbone, schema, head, results, shared_out if shared is None else shared, window)
+    return {"backbone": {"name": backbone.name, "version": backbone.version, "content_hash": backbone.content_hash},
+            "method": cfg.lora.method, "bundles": bundles, "skipped_no_rows": empty,
+            "rows": {s: len(f) for s, f in feats.items()},
+            "seconds": {"materialise": round(t1 - t0, 2), "train": round(t2 - t1, 2), "total": round(time.time() - t0, 2)}}
+
+
+def _cache_dir(cfg: AdaptConfig) -> Path:
+    """Local directory for artefacts fetched from an S3 registry (unused for local ones)."""
+    if is_s3(cfg.output.run_dir):
+        return Path(tempfile.gettempdir()) / "mdlora-cache"
+    return Path(cfg.output.run_dir) / "cache"
+
+
+def _prepare(cfg: AdaptConfig) -> tuple[AdaptConfig, BackboneInfo]:
+    cfg = resolve_paths(cfg)
+    return cfg, open_backbone(cfg.output.root, cfg.output.model, cfg.output.backbone, _cache_dir(cfg))
+
+
+def adapt(cfg: AdaptConfig, domains: list[str] | None = None) -> dict:
+    """Train and publish adapters of ``domains`` (default ``data.domains``, else every domain)."""
+    cfg, backbone = _prepare(cfg)
+    schema = _schema(cfg, backbone)
+    domains = list(domains or cfg.data.domains or schema.domain.values)
+    for d in domains:
+        schema.domain.index(d)  # ValueError naming an unknown domain
+    splits = {"train": cfg.data.train} | ({"validation": cfg.data.val} if cfg.data.val else {}) \
+        | ({"test": cfg.data.test} if cfg.data.test else {})
+    return _run(cfg, backbone, schema, splits, domains, None, False)
+
+
+def add_domain(cfg: AdaptConfig, domain: str, data: str) -> dict:
+    """Train and publish the adapter of one new domain from its logs at ``data``.
+
+    ``data`` holds ``train/`` (+ optional ``val/``, ``test/``) subdirectories, or is one dataset
+    whose rows are split 9:1 into train/validation by ``loop.seed``. The domain vocabulary is
+    extended by ``domain``; no other bundle and not the backbone is written.
+    """
+    cfg, backbone = _prepare(cfg)
+    schema = _schema(cfg, backbone).with_domains([domain])
+    data = data if "://" in data else str(Path(data).resolve())
+    fs, path = open_fs(data)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{data}: no such dataset")
+    sub = {s: f"{data}/{d}" for s, d in (("train", "train"), ("validation", "val"), ("test", "test"))
+           if fs.exists(f"{path}/{d}")}
+    shared = production_shared(cfg, backbone, schema) if cfg.lora.method == "multilora" else None
+    if "train" in sub:
+        return _run(cfg, backbone, schema, sub, [domain], shared, False)
+    return _run(cfg, backbone, schema, {"all": data}, [domain], shared, True)
+

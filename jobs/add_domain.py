@@ -1,0 +1,34 @@
+"""``mdlora add-domain --config C --domain NAME --data P``: one new domain's adapter, nothing else.
+
+``P`` holds the new domain's logs: ``train/`` (+ optional ``val/``, ``test/``) subdirectories, or
+one dataset whose rows are split 9:1 into train/validation by ``loop.seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    """Options of ``mdlora add-domain``."""
+    p.add_argument("--config", required=True, help="adapter run config YAML (trainer/config.py AdaptConfig)")
+    p.add_argument("--domain", required=True, help="name of the new domain (added to the domain vocabulary)")
+    p.add_argument("--data", required=True, help="its logs: a dir with train/ [val/ test/] or one dataset (9:1 split)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load config, run :func:`infra.adapt.add_domain`, print the bundle written."""
+    from infra.adapt import add_domain
+    from jobs.adapt import format_summary
+    from trainer.config import load_adapt_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_adapt_config(args.config, args.overrides)
+    summary = add_domain(cfg, args.domain, args.data)
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    return 0

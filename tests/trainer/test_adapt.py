@@ -1,0 +1,162 @@
+"""Adapter training on cached features (trainer.adapt): exactness, frozen backbone, gains, stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from adapters.config import LoraConfig
+from adapters.inject import inject
+from embeddings.batch import BatchConverter
+from embeddings.schema import Schema
+from embeddings.tables import build_ebc
+from trainer.adapt import (
+    Features,
+    Head,
+    materialise,
+    train_mlora,
+    train_mlora_domain,
+    train_multilora,
+)
+from trainer.backbone import build_backbone
+from trainer.config import AdaptTrainConfig, LoopConfig, ModelConfig
+
+E, VOCAB = 8, ["a", "b", "c"]
+
+
+def _head(seed: int = 0) -> Head:
+    torch.manual_seed(seed)
+    schema = Schema.from_dict({
+        "name": "t", "label": "y", "domain": {"column": "d", "values": VOCAB},
+        "tables": [{"name": "t", "num_embeddings": 10, "dim": E - 1}],
+        "sparse": [{"name": "f", "table": "t"}], "dense": [{"name": "z"}]})
+    head = Head.of(build_backbone(schema, ModelConfig(hidden=[16, 8]), build_ebc(schema, "cpu")))
+    with torch.no_grad():
+        head.out.weight.mul_(4.0)  # a confident backbone: AUC ~0.75 on unshifted domains
+    return head
+
+
+def _features(head: Head, n: int, seed: int, shift: dict[int, float]) -> Features:
+    """Labels ~ Bernoulli(sigmoid(head(x) + s_d * 2 x0 x1)): the head is exact on unshifted domains."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, E, generator=g)
+    dom = torch.randint(0, len(VOCAB), (n,), generator=g)
+    aux = torch.randint(0, 2, (n, 1), generator=g)
+    s = torch.tensor([shift.get(k, 0.0) for k in range(len(VOCAB))])[dom]
+    with torch.no_grad():
+        logit = head(x) + s * 2 * x[:, 0] * x[:, 1]
+    y = (torch.rand(n, generator=g) < torch.sigmoid(logit)).float()
+    return Features(x, y, dom, aux)
+
+
+def _splits(head: Head, shift: dict, val_shift: dict | None = None, n: int = 6000) -> dict:
+    return {"train": _features(head, n, 1, shift),
+            "validation": _features(head, n // 4, 2, shift if val_shift is None else val_shift),
+            "test": _features(head, n // 4, 3, shift)}
+
+
+CFG = AdaptTrainConfig(lr=2e-2, batch_size=256)
+LORA = LoraConfig(alpha=4)
+
+
+def test_materialised_x_equals_backbone_embed(tiny_schema_dict):
+    schema = Schema.from_dict(tiny_schema_dict)
+    torch.manual_seed(0)
+    backbone = build_backbone(schema, ModelConfig(hidden=[8]), build_ebc(schema, "cpu"))
+    rng = np.random.default_rng(0)
+    n = 50
+    table = pa.table({
+        "click": rng.integers(0, 2, n), "domain": rng.choice(VOCAB, n), "gender": rng.choice(["F", "M"], n),
+        "user_id": rng.integers(0, 10**6, n), "item_id": rng.integers(0, 50, n),
+        "hist_items": [list(rng.integers(0, 50, k)) for k in rng.integers(0, 5, n)],
+        "city": rng.choice(["x", "y", "z"], n), "price": rng.random(n) * 10, "age": rng.random(n) * 60})
+    conv = BatchConverter(schema)
+    batches = [conv.convert(table.slice(lo, 16)) for lo in range(0, n, 16)]
+    feats = materialise(backbone, batches)
+    expected = torch.cat([backbone.embed(b.sparse, b.dense) for b in batches]).detach()
+    assert torch.equal(feats.x, expected) and feats.x.shape == (n, backbone.input_dim)
+    assert torch.equal(feats.domains, torch.cat([b.domains for b in batches]))
+    assert torch.equal(feats.aux, torch.cat([b.aux for b in batches]))
+    # the head on cached x gives the backbone's logits exactly: why the cache is exact
+    full = torch.cat([backbone(b.sparse, b.dense) for b in batches]).detach()
+    assert torch.equal(Head.of(backbone)(feats.x).detach(), full)
+    assert all(not p.requires_grad for p in Head.of(backbone).parameters())
+
+
+def test_training_changes_only_adapter_tensors_and_beats_frozen_head_on_shifted_domain():
+    head = _head()
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    results = train_mlora(head, LORA, VOCAB, ["a", "b"], _splits(head, {1: 1.5}), CFG, LoopConfig(epochs=4))
+    assert {k: torch.equal(v, head.state_dict()[k]) for k, v in before.items()} == dict.fromkeys(before, True)
+    # B starts at zero: on the shifted domain training moved every adapter factor
+    assert results[1].best_epoch >= 1
+    assert all(not torch.equal(t, torch.zeros_like(t)) for k, t in results[1].state.items() if k.endswith(".B"))
+    # loading a trained state into a fresh copy leaves every base tensor bit-identical
+    model = Head.of(head)
+    adapted = inject(model, LORA, ["b"])
+    adapted.load_state_for("b", results[1].state)
+    base = {k.replace(".base.", "."): v for k, v in model.state_dict().items() if ".lora." not in k}
+    assert base.keys() == before.keys() and all(torch.equal(base[k], before[k]) for k in before)
+    a, b = (r.metrics["test"] for r in results)
+    assert b["auc_adapter"] > b["auc_backbone"] + 0.05, b  # the shifted domain gains
+    assert a["auc_adapter"] > a["auc_backbone"] - 0.02, a  # the unshifted one does not lose
+    assert b["samples"] == int((_features(head, 1500, 3, {}).domains == 1).sum())
+
+
+def test_domains_train_independently_of_their_pack_and_partition():
+    head = _head()
+    splits = _splits(head, {0: 1.0, 2: -1.0}, n=2000)
+    loop = LoopConfig(epochs=3, seed=3)
+    packed = train_mlora(head, LORA, VOCAB, VOCAB, splits, CFG, loop)  # one routed model
+    alone = train_mlora_domain(head, LORA, "c", {s: f.of_domain(2) for s, f in splits.items()}, CFG, loop)
+    one_by_one = train_mlora(head, LORA, VOCAB, ["c"], splits, AdaptTrainConfig(lr=2e-2, batch_size=256, pack=1), loop)
+    for other in (alone, one_by_one[0]):  # equal up to float rounding (batch composition of GEMMs)
+        assert other.best_epoch == packed[2].best_epoch and other.state.keys() == packed[2].state.keys()
+        assert all(torch.allclose(other.state[k], packed[2].state[k], atol=1e-5) for k in other.state)
+        assert other.metrics["test"]["auc_adapter"] == pytest.approx(packed[2].metrics["test"]["auc_adapter"], abs=1e-4)
+    assert not torch.allclose(packed[0].state["tower.mlp.0.B"], packed[2].state["tower.mlp.0.B"])
+
+
+def test_seeded_split_partitions_rows_9_to_1():
+    f = _features(_head(), 1000, 5, {})
+    parts, again = f.split(seed=4), f.split(seed=4)
+    assert (len(parts["train"]), len(parts["validation"])) == (900, 100)
+    rows = torch.cat([parts["train"].x, parts["validation"].x])
+    assert torch.equal(rows[rows[:, 0].argsort()], f.x[f.x[:, 0].argsort()])  # a partition of the rows
+    assert torch.equal(parts["validation"].x, again["validation"].x)  # same seed, same split
+    assert not torch.equal(parts["validation"].x, f.split(seed=5)["validation"].x)
+
+
+def test_early_stopping_keeps_the_best_state():
+    head = _head()
+    # validation follows the opposite shift: every epoch makes it worse, so the zero-update
+    # initial state (epoch 0) is the best and is what comes back
+    worse = train_mlora_domain(head, LORA, "b", {s: f.of_domain(1) for s, f in
+                                                 _splits(head, {1: 1.5}, {1: -1.5}).items()},
+                               CFG, LoopConfig(epochs=6, patience=2))
+    assert worse.best_epoch == 0 and len(worse.history) == 2
+    assert all(torch.equal(t, torch.zeros_like(t)) for k, t in worse.state.items() if k.endswith(".B"))
+    v = worse.metrics["validation"]
+    assert v["auc_adapter"] == pytest.approx(v["auc_backbone"], abs=1e-12)
+    # validation agreeing with training: the kept epoch is the best one seen
+    good = train_mlora_domain(head, LORA, "b", {s: f.of_domain(1) for s, f in _splits(head, {1: 1.5}).items()},
+                              CFG, LoopConfig(epochs=4, patience=0))
+    assert len(good.history) == 4 and good.best_epoch == 1 + int(np.argmax(good.history))
+    assert good.metrics["validation"]["auc_adapter"] == pytest.approx(max(good.history), abs=1e-9)
+
+
+def test_multilora_joint_training_with_shared_aux_lora():
+    head = _head()
+    lora = LoraConfig(method="multilora", alpha=4, aux="g", fusion="add")
+    splits = _splits(head, {1: 1.5})
+    results, shared = train_multilora(head, lora, VOCAB, ["a", "b"], ["F", "M"], 0, splits, CFG,
+                                      LoopConfig(epochs=4, patience=2))
+    assert shared and all(k.split(".aux_lora.")[1][0] in "DUsb" for k in shared)
+    b = results[1].metrics["test"]
+    assert b["auc_adapter"] > b["auc_backbone"] + 0.03, b
+    # add-domain: a new domain trains against the frozen shared state, which comes back unchanged
+    (c,), kept = train_multilora(head, lora, VOCAB, ["c"], ["F", "M"], 0, splits, CFG,
+                                 LoopConfig(epochs=1), shared=shared)
+    assert all(torch.equal(kept[k], shared[k]) for k in shared) and c.metrics["test"]["samples"] > 0
