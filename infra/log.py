@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
@@ -13,6 +14,9 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     Library loggers (torchrec, fbgemm, ray) stay at WARNING so progress lines are readable.
     """
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # deprecation notices from torch/torchrec internals are not actionable for users
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
     logging.getLogger().setLevel(logging.WARNING)  # fbgemm logs through the root logger
     for name in ("torchrec", "fbgemm_gpu", "torch.distributed", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)

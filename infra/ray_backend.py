@@ -50,7 +50,8 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+        # the dashboard (127.0.0.1 only) serves the state API Ray Train's controller polls
+        ray.init(num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
                  configure_logging=False, log_to_driver=True)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -18,10 +17,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load config, run :func:`infra.adapt.adapt`, print one line per published bundle."""
+    from infra.log import setup_logging
     from infra.adapt import adapt
     from trainer.config import load_adapt_config
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     cfg = load_adapt_config(args.config, args.overrides)
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] or None
     summary = adapt(cfg, domains)

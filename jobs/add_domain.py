@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -23,11 +22,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load config, run :func:`infra.adapt.add_domain`, print the bundle written."""
+    from infra.log import setup_logging
     from infra.adapt import add_domain
     from jobs.adapt import format_summary
     from trainer.config import load_adapt_config
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     cfg = load_adapt_config(args.config, args.overrides)
     summary = add_domain(cfg, args.domain, args.data)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))

@@ -19,10 +19,12 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the backbone and bundles, score, print rows, fallback rows and per-domain AUC."""
+    from infra.log import setup_logging
     from infra.pretrain import resolve_paths
     from infra.score import Scorer, parse_bundles
     from trainer.config import load_adapt_config
 
+    setup_logging()
     cfg = resolve_paths(load_adapt_config(args.config, args.overrides))
     scorer = Scorer(cfg.output.root, cfg.output.model, cfg.output.backbone, parse_bundles(args.bundles))
     summary = scorer.score_dataset(args.data, args.out)
