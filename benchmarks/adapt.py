@@ -116,7 +116,7 @@ def run(quick: bool, alpha: float) -> dict:
     finally:
         dist.destroy_process_group()
     head, lora = Head.of(backbone), LoraConfig(alpha=alpha)
-    tcfg, one = AdaptTrainConfig(batch_size=2048), LoopConfig(epochs=1)
+    tcfg, one = AdaptTrainConfig(), LoopConfig(epochs=1)
     vocab = schema.domain.values
     _, adapt_epoch_s = _timed(lambda: train_mlora(head, lora, vocab, vocab, {"train": feats["train"]}, tcfg, one),
                               repeat=REPEAT)

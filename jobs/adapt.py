@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from jobs.cli import add_config_options
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``mdlora adapt``."""
-    p.add_argument("--config", required=True, help="adapter run config YAML (trainer/config.py AdaptConfig)")
+    add_config_options(p, "adapter run (AdaptConfig)")
     p.add_argument("--domains", default="", help="comma-separated domains (default: data.domains, else all)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set lora.alpha=16 (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from jobs.cli import add_config_options
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``mdlora add-domain``."""
-    p.add_argument("--config", required=True, help="adapter run config YAML (trainer/config.py AdaptConfig)")
+    add_config_options(p, "adapter run (AdaptConfig)")
     p.add_argument("--domain", required=True, help="name of the new domain (added to the domain vocabulary)")
     p.add_argument("--data", required=True, help="its logs: a dir with train/ [val/ test/] or one dataset (9:1 split)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:

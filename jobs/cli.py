@@ -27,6 +27,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def add_config_options(p: argparse.ArgumentParser, what: str) -> None:
+    """The options every config-driven job shares: ``--config``, ``--set`` (repeatable), ``--json``."""
+    p.add_argument("--config", required=True, help=f"{what} config YAML (trainer/config.py documents every key)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set loop.epochs=3 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
 class UserError(Exception):
     """An error caused by the user's input; printed as one line, exit code 2."""
 

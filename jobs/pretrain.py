@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from jobs.cli import add_config_options
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``mdlora pretrain``."""
-    p.add_argument("--config", required=True, help="run config YAML (see trainer/config.py for every key)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set dist.world_size=2 (repeatable)")
+    add_config_options(p, "pretrain run (RunConfig)")
     p.add_argument("--run-name", default=None, help="Ray Train run name; reuse one to resume that run")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from jobs.cli import add_config_options
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``mdlora score``."""
-    p.add_argument("--config", required=True, help="adapter run config YAML (output.root/model/backbone are used)")
+    add_config_options(p, "adapter run (AdaptConfig: output.root/model/backbone)")
     p.add_argument("--data", required=True, help="Parquet dataset to score (file or dir, local or s3://)")
     p.add_argument("--out", required=True, help="predictions Parquet file to write (local or s3://)")
     p.add_argument("--bundles", default="", help="domain=version,... (default: every domain's production bundle)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
