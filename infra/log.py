@@ -8,6 +8,18 @@ import sys
 import warnings
 
 
+class _Stderr(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stderr`` is at emit time (test runners swap it)."""
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     """Send ``mdlora.*`` records to stderr (rank 0 only unless MDLORA_LOG_ALL_RANKS=1).
 
@@ -23,7 +35,7 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     ours = logging.getLogger("mdlora")
     ours.propagate = False
     ours.handlers.clear()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     ours.addHandler(handler)
     show = rank == 0 or os.environ.get("MDLORA_LOG_ALL_RANKS") == "1"

@@ -168,6 +168,10 @@ def report(metrics: dict, save: Callable[[Path], None] | None) -> None:
         ray.train.report(clean, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # The controller registers a reported checkpoint on its next poll of the workers; a worker
+    # killed before that poll would lose it. Wait until it is registered (committed), so a
+    # failure never costs more than the steps since the last checkpoint.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
 
 
 def map_tasks(fn: Callable, items: list, num_cpus: int = 1) -> list:

@@ -65,7 +65,7 @@ AUX_SLOTS = torch.tensor([0, 1, 0, 0, 1, 1, 1, 0, 0, 0])
 def test_rank_from_alpha_and_explicit_list():
     cfg = LoraConfig(alpha=32)
     assert cfg.ranks_for(["a", "b", "c"], [256, 1, 100]) == [8, 1, 3]
-    assert LoraConfig().alpha == 8.0
+    assert LoraConfig().alpha == 128.0  # the default keeps a 256-128 tower adapter under 3 %
     assert LoraConfig(ranks=[2, 3]).ranks_for(["a", "b"], [256, 1]) == [2, 3]
     _, h = adapted(alpha=4)
     assert [layer.lora.rank for layer in h.layers.values()] == [4, 2, 1]  # out 16, 8, 1
