@@ -23,8 +23,8 @@ import torch
 
 from adapters.registry import Registry
 from embeddings.batch import BatchConverter
-from embeddings.sharding import format_plan
 from embeddings.schema import Schema
+from embeddings.sharding import format_plan
 from infra import ray_backend
 from infra.logs import LogDataset
 from infra.storage import is_s3, open_fs

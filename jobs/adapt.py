@@ -16,8 +16,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load config, run :func:`infra.adapt.adapt`, print one line per published bundle."""
-    from infra.log import setup_logging
     from infra.adapt import adapt
+    from infra.log import setup_logging
     from trainer.config import load_adapt_config
 
     setup_logging()

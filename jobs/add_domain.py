@@ -21,8 +21,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load config, run :func:`infra.adapt.add_domain`, print the bundle written."""
-    from infra.log import setup_logging
     from infra.adapt import add_domain
+    from infra.log import setup_logging
     from jobs.adapt import format_summary
     from trainer.config import load_adapt_config
 

@@ -26,7 +26,7 @@ def step(i: int, text: str) -> None:
 
 def run(out: Path, rows: int, domains: int, seed: int) -> dict:
     """Run every stage into ``out``; return the summary (also written as JSON)."""
-    from infra.adapt import add_domain, adapt
+    from infra.adapt import adapt, add_domain
     from infra.logs import validate_dataset
     from infra.pretrain import load_schema, pretrain
     from infra.report import auc_table, write_report

@@ -40,8 +40,8 @@ def logs(tmp_path_factory):
 
 
 def run_config(logs: Path, root: Path, **loop):
-    from trainer.config import RunConfig
     from mdlora.config import from_dict
+    from trainer.config import RunConfig
 
     return from_dict(RunConfig, {
         "data": {"schema": str(logs / "schema.yaml"), "train": str(logs / "train"),
@@ -55,11 +55,10 @@ def run_config(logs: Path, root: Path, **loop):
 
 
 def test_pretrain_two_workers_survives_a_killed_worker(ray_local, logs, tmp_path, monkeypatch):
-    import torch
 
+    from embeddings.batch import BatchConverter
     from infra.logs import LogDataset
     from infra.pretrain import load_schema, pretrain
-    from embeddings.batch import BatchConverter
     from trainer.env import DistEnv
     from trainer.loop import evaluate
     from trainer.recipes import load_unsharded
