@@ -206,9 +206,13 @@ class AdaptTrainConfig:
     """Rows per adapter step (single-domain batches for MLoRA, mixed for MultiLoRA)."""
     tasks: int = 0
     """Parallel Ray tasks the MLoRA domains are partitioned over (0: one per available CPU)."""
-    pack: int = 16
+    pack: int = 1
     """MLoRA domains trained together in one routed model (each keeps its own batches, Adam
-    state and early stopping; a step holds one batch of each): steps follow the largest domain."""
+    state and early stopping; a step holds one batch of each): steps follow the largest domain.
+    1 (default) trains each domain alone on the single-domain fast path, which measured 1.75x
+    faster per row on CPU than packs of 16 (the routed path's masking costs more than the
+    steps it saves); larger packs pay off when per-step overhead dominates (many tiny domains,
+    GPU)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

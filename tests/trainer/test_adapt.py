@@ -109,7 +109,7 @@ def test_domains_train_independently_of_their_pack_and_partition():
     head = _head()
     splits = _splits(head, {0: 1.0, 2: -1.0}, n=2000)
     loop = LoopConfig(epochs=3, seed=3)
-    packed = train_mlora(head, LORA, VOCAB, VOCAB, splits, CFG, loop)  # one routed model
+    packed = train_mlora(head, LORA, VOCAB, VOCAB, splits, AdaptTrainConfig(lr=2e-2, batch_size=256, pack=16), loop)  # one routed model
     alone = train_mlora_domain(head, LORA, "c", {s: f.of_domain(2) for s, f in splits.items()}, CFG, loop)
     one_by_one = train_mlora(head, LORA, VOCAB, ["c"], splits, AdaptTrainConfig(lr=2e-2, batch_size=256, pack=1), loop)
     for other in (alone, one_by_one[0]):  # equal up to float rounding (batch composition of GEMMs)
