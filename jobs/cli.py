@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "add-domain": ("jobs.add_domain", "train one new domain's adapter against the production backbone; touches nothing else"),
     "score": ("jobs.score", "score a mixed-domain dataset, each row routed to its domain's production adapter"),
     "bundles": ("jobs.bundles", "list, show, verify, promote or roll back registry versions (adapters, backbones)"),
+    "submit": ("jobs.submit", "submit any mdlora job to a Ray cluster (Ray Jobs API, token auth); --wait streams its logs"),
 }
 
 

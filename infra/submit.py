@@ -1,0 +1,93 @@
+"""Submit an ``mdlora`` job to a Ray cluster through the Ray Jobs API (``JobSubmissionClient``).
+
+The working dir is uploaded as the job's ``runtime_env`` (Ray puts it first on the job's
+``PYTHONPATH`` and makes it the cwd), minus virtual envs, git data and run outputs. The
+entrypoint is ``mdlora <args>`` (shell-quoted), so ``mdlora`` must be on the cluster's ``PATH``
+(``infra/scripts/ray-head-start.sh`` puts the venv's ``bin`` there).
+
+Token auth (the default in Ray 2.60): with ``RAY_AUTH_MODE=token`` in this process, the SDK sends
+``Authorization: Bearer <token>`` read from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
+``~/.ray/auth_token``. A cluster with token auth refuses requests without it (HTTP 401), which
+is raised here as :class:`PermissionError`. The token itself is never printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+import time
+
+EXCLUDES = [".venv", ".git", "demo-out", "runs", "benchmarks/results", "__pycache__", ".pytest_cache",
+            ".ruff_cache", "*.egg-info", "build", ".whl", ".gl"]
+"""Paths (gitignore syntax) never uploaded with the working dir."""
+
+_SECRET = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)
+
+
+def masked(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the value of every variable whose name looks like a credential replaced by ``***``."""
+    return {k: "***" if _SECRET.search(k) else v for k, v in env.items()}
+
+
+def submit(address: str, entrypoint_args: list[str], *, working_dir: str = ".", wait: bool = False,
+           env_vars: dict[str, str] | None = None) -> tuple[str, str]:
+    """Submit ``mdlora <entrypoint_args>`` to the Ray cluster at ``address``.
+
+    Args:
+        address: the cluster's dashboard / job API, e.g. ``http://127.0.0.1:8265``.
+        entrypoint_args: the ``mdlora`` command line, e.g. ``["pretrain", "--config", "c.yaml"]``.
+        working_dir: local dir uploaded as the job's working dir (see :data:`EXCLUDES`).
+        wait: stream the job's logs to stdout until it ends.
+        env_vars: extra environment variables of the job (credential values are masked in output).
+
+    Returns:
+        ``(job_id, status)``: the final status (``SUCCEEDED``, ``FAILED``, ``STOPPED``) with
+        ``wait``, else the status right after submission.
+
+    Raises:
+        PermissionError: the cluster refused the request (missing or wrong auth token).
+        ValueError: ``entrypoint_args`` is empty.
+    """
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    if not entrypoint_args:
+        raise ValueError("submit: no job given (expected e.g. `-- pretrain --config C`)")
+    runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": dict(env_vars or {})}
+    entrypoint = shlex.join(["mdlora", *entrypoint_args])
+    try:
+        client = JobSubmissionClient(address)
+        job_id = _submit_job(client, entrypoint, runtime_env)
+        print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
+        if env_vars:
+            print(f"  env: {masked(env_vars)}", flush=True)
+        if not wait:
+            return job_id, str(client.get_job_status(job_id).value)
+        asyncio.run(_stream(client, job_id))
+        status = client.get_job_status(job_id)
+        while not status.is_terminal():  # the log stream can end just before the status flips
+            time.sleep(0.5)
+            status = client.get_job_status(job_id)
+    except AuthenticationError as e:
+        raise PermissionError(f"{address}: {str(e).splitlines()[0]}") from e
+    print(f"job {job_id} {status.value}", flush=True)
+    return job_id, str(status.value)
+
+
+def _submit_job(client, entrypoint: str, runtime_env: dict, patience_s: float = 60.0) -> str:
+    """``client.submit_job``, retried while a just-started head has no job agent yet (HTTP 500)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
+async def _stream(client, job_id: str) -> None:
+    """Print the job's log lines as they arrive, until the job ends."""
+    async for chunk in client.tail_job_logs(job_id):
+        print(chunk, end="", flush=True)
