@@ -116,7 +116,6 @@ def main() -> None:
         from embeddings.checkpoint import write_shards
 
         write_shards(Path(d), setup.model, setup.optimizer)
-        json.dump({"step": 0, "history": [], "losses": [], "resumed_from": []}, open(Path(d) / "train_state.json", "w"))
         cpu = load_unsharded(d, schema, from_dict(RunConfig, {"model": {"hidden": [256, 128]}}).model)
         setup.model.eval()
         with torch.no_grad():

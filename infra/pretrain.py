@@ -31,10 +31,10 @@ from infra.storage import is_s3, open_fs
 from mdlora import __version__
 from mdlora.artifact import seal
 from mdlora.atomic import write_json
-from mdlora.config import from_dict, to_dict
+from mdlora.config import ConfigError, from_dict, to_dict
 from trainer.config import RunConfig
 from trainer.loop import Hooks, train
-from trainer.recipes import setup_pretrain
+from trainer.recipes import STATE_FILE, setup_pretrain
 
 log = logging.getLogger("mdlora.pretrain")
 
@@ -60,7 +60,11 @@ def load_schema(uri: str) -> Schema:
     import yaml
 
     with fs.open(path, "r") as f:
-        return Schema.from_dict(yaml.safe_load(f.read()) or {})
+        data = yaml.safe_load(f.read()) or {}
+    try:
+        return Schema.from_dict(data)
+    except ConfigError as e:  # name the file, as Schema.load does for local paths
+        raise ConfigError(f"{uri}: {e}") from None
 
 
 def datasets(cfg: RunConfig, schema: Schema) -> tuple[LogDataset, LogDataset | None]:
@@ -155,7 +159,7 @@ def pretrain(cfg: RunConfig, *, run_name: str | None = None) -> dict:
 
 def publish_backbone(cfg: RunConfig, schema: Schema, checkpoint: Path) -> dict:
     """Publish a checkpoint dir as ``backbones/<model>/vNNNN`` with its manifest (written last)."""
-    state = json.loads((checkpoint / "train_state.json").read_text())
+    state = json.loads((checkpoint / STATE_FILE).read_text())
     schema.dump(checkpoint / "schema.yaml")
     write_json(checkpoint / "config.json", to_dict(cfg))
     metrics = state["history"][-1] if state["history"] else {}

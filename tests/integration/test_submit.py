@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,16 +21,11 @@ import yaml
 
 from infra.submit import masked
 from infra.synth import generate
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env(home: Path) -> dict[str, str]:
@@ -46,8 +40,8 @@ def head():
     base = Path(tempfile.mkdtemp(prefix="mdlsub", dir="/tmp"))  # short: Ray's socket paths must fit
     home, log = base / "home", base / "head.log"
     home.mkdir()
-    dashboard = _free_port()
-    env = {**_clean_env(home), "VENV": sys.prefix, "NUM_CPUS": "2", "RAY_PORT": str(_free_port()),
+    dashboard = free_port()
+    env = {**_clean_env(home), "VENV": sys.prefix, "NUM_CPUS": "2", "RAY_PORT": str(free_port()),
            "DASHBOARD_PORT": str(dashboard), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     with open(log, "w") as out:
         proc = subprocess.Popen([str(ROOT / "infra/scripts/ray-head-start.sh"), "--temp-dir", str(base / "r"),
