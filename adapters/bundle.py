@@ -31,7 +31,9 @@ from mdlora.atomic import staging_dir
 from mdlora.config import ConfigError, from_dict, to_dict
 from mdlora.names import check_name
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: MultiLoRA domain batch norm became residual (identity at start); format-1 MultiLoRA bundles
+would compute different outputs under this code, so they are refused (MLoRA bundles are unchanged)."""
 WEIGHTS = "adapter.safetensors"
 _VERSION = re.compile(r"^v\d{4,}$")
 
@@ -152,6 +154,11 @@ def check_format_version(data: dict[str, Any], source: str) -> None:
         raise BundleError(
             f"{source}: format_version {fv} is newer than this mdlora ({mdlora.__version__}) "
             f"reads (format_version {FORMAT_VERSION}); upgrade mdlora"
+        )
+    if isinstance(fv, int) and fv < 2 and data.get("method") == "multilora":
+        raise BundleError(
+            f"{source}: format_version {fv} MultiLoRA bundle predates the residual domain batch "
+            f"norm of format_version 2; re-run adapt to rebuild it"
         )
 
 

@@ -42,7 +42,8 @@ class LoraConfig:
     fusion_dim: int = 16
     """MultiLoRA: dimension the fusion query and keys are projected to."""
     domain_bn: bool = True
-    """MultiLoRA: BatchNorm1d per combined domain (domain × aux value) after the adapted layer."""
+    """MultiLoRA: BatchNorm1d per combined domain (domain × aux value) after the adapted layer,
+    residual (y = z + BN(z), γ = β = 0 at init) so that the adapted model starts at the backbone."""
 
     def __post_init__(self) -> None:
         if self.method not in ("mlora", "multilora"):

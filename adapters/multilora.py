@@ -6,10 +6,18 @@ Letters and routing as in :mod:`adapters.lora`. For a row x of domain d and aux 
     u_d = scaling · s_d ⊙ (U_d D_d x) + b_d                 D [r, d_in], s [d_out] Gaussian;
     u_a = the same form with aux-value parameters           U [d_out, r], b [d_out] zero
     w   = softmax_j (Q_d h)·(K_d u_j) / sqrt(f),  j ∈ {d, a}     Q_d, K_d: Linear d_out -> f
-    y   = BN_{d,a}(h + w_d u_d + w_a u_a)                   BN per combined domain (domain_bn)
+    z   = h + w_d u_d + w_a u_a
+    y   = z + γ_{d,a} ⊙ (z - μ_{d,a}) / sqrt(σ²_{d,a} + eps) + β_{d,a}     BN per combined domain
 
-``fusion="add"`` uses h + u_d + u_a, ``"avg"`` h + (u_d + u_a) / 2. U = b = 0 at init, so the
-update is zero (y = BN_{d,a}(h)). Ownership: u_d, Q_d, K_d and BN_{d,·} belong to domain d (its
+``fusion="add"`` uses h + u_d + u_a, ``"avg"`` h + (u_d + u_a) / 2.
+
+Neutral start: U = b = 0, so u_d = u_a = 0; Q_d = 0, so the fusion weights start at 1/2 each
+(the ``avg`` fusion; Q_d gets a gradient as soon as the updates move, as a LoRA zero factor
+does); the combined-domain BN (``domain_bn``) is residual with γ = β = 0. The adapted layer
+therefore starts exactly at the frozen layer, y = h, in train and eval mode. A plain BN after
+a frozen layer of a backbone trained without one would standardise h and move every frozen
+layer above it off its pretrained input; the residual form keeps BN's per-domain scale and
+shift of normalised activations (y = z (1 + γ/σ) + β - γ μ/σ) without that jump. Ownership: u_d, Q_d, K_d and BN_{d,·} belong to domain d (its
 bundle; adding a domain leaves the others untouched); u_a is shared by all domains, one per aux
 value (:meth:`MultiLoRALinear.aux_lora` state). The fusion projections are per domain rather
 than per layer: a shared projection would be retrained with every new domain and change the
@@ -86,6 +94,7 @@ class MultiLoRALinear(_AdaptedLinear):
         if self.fusion == "attention":
             for proj in (self.fusion_q, self.fusion_k):
                 proj[key] = nn.Linear(self.base.out_features, self.fusion_dim, bias=False, **kw)
+            nn.init.zeros_(self.fusion_q[key].weight)  # equal fusion weights at init
         if self.domain_bn:
             self.bn[key] = nn.ModuleDict(
                 {
@@ -93,6 +102,8 @@ class MultiLoRALinear(_AdaptedLinear):
                     for a in self.aux_values
                 }
             )
+            for bn in self.bn[key].values():
+                nn.init.zeros_(bn.weight)  # residual BN: the identity at init
 
     def forward(self, x: Tensor) -> Tensor:
         """y [B, *, d_out], routed by the router's domain and aux slots; rows of slot -1 get base(x)."""
@@ -138,9 +149,9 @@ class MultiLoRALinear(_AdaptedLinear):
         return torch.softmax(scores / math.sqrt(self.fusion_dim), dim=-1)
 
     def _batch_norm(self, y: Tensor, groups: Tensor) -> Tensor:
-        """Each row normalised by the BN of its combined domain (groups [N], -1: untouched rows).
+        """Residual BN of each row's combined domain: y + BN(y) (groups [N], -1: untouched rows).
 
-        Training: per-group batch statistics (biased variance), running statistics updated with
+        BN(y) = γ ⊙ (y - μ) / sqrt(σ² + eps) + β with γ = β = 0 at init. Training: per-group batch statistics (biased variance), running statistics updated with
         the BN's momentum (unbiased variance), as ``nn.BatchNorm1d`` does on each group alone; a
         group with a single row in the batch uses its running statistics. Eval: running statistics.
         """
@@ -171,6 +182,5 @@ class MultiLoRALinear(_AdaptedLinear):
             mean, var = torch.where(ok, mean, mean_r), torch.where(ok, var, var_r)
         else:
             mean, var = mean_r, var_r
-        return (y - onehot @ mean) * torch.rsqrt(onehot @ var + bns[0].eps) * (
-            onehot @ weight
-        ) + onehot @ bias
+        normed = (y - onehot @ mean) * torch.rsqrt(onehot @ var + bns[0].eps)
+        return y + normed * (onehot @ weight) + onehot @ bias

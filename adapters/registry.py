@@ -36,6 +36,7 @@ import random
 import re
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from adapters.bundle import BundleManifest
 from mdlora.artifact import MANIFEST, ArtifactError, check_files, read_manifest
 from mdlora.atomic import staging_dir, write_bytes
 from mdlora.names import check_name
@@ -196,26 +198,32 @@ class Registry:
         )
 
     def verify(self, kind: str, name: str, ref: str) -> list[str]:
-        """Checksum problems of version ``ref`` (each naming the file); empty when intact."""
+        """Problems of version ``ref`` (checksums, each naming the file; for adapters also a
+        manifest this code cannot read, e.g. a newer format); empty when intact."""
         path = f"{self._name_dir(kind, name)}/{self._version(kind, name, ref)}"
         try:
-            return check_files(path, read_manifest(path, self.fs)["files"], self.fs)
+            manifest = read_manifest(path, self.fs)
+            if kind == "adapters":  # also a format this code reads and a valid bundle manifest
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    BundleManifest.from_dict(manifest, source=self.uri(path))
+            return check_files(path, manifest["files"], self.fs)
         except ArtifactError as e:
             return [str(e)]
 
     def fetch(self, kind: str, name: str, ref: str, local_dir: str | Path) -> Path:
         """A local directory holding version ``ref``.
 
-        Local registries return the version directory itself (versions are immutable; loaders
-        check it). S3 ones download into ``local_dir/<kind>/<name>/<vNNNN>`` atomically, reuse
-        an earlier download, and check the copy against its manifest.
+        Local registries return the version directory itself (versions are immutable). S3 ones
+        download into ``local_dir/<kind>/<name>/<vNNNN>`` atomically and reuse an earlier
+        download. Either way every file is checked against the manifest's sha256 before the
+        path is returned, so nothing tampered with (a backbone's checkpoint metadata is a torch
+        pickle) is ever loaded.
         """
         version = self._version(kind, name, ref)
         src = f"{self._name_dir(kind, name)}/{version}"
-        if self.local:
-            return Path(src)
-        dest = Path(local_dir) / kind / name / version
-        if not (dest / MANIFEST).exists():
+        dest = Path(src) if self.local else Path(local_dir) / kind / name / version
+        if not self.local and not (dest / MANIFEST).exists():
             manifest = read_manifest(src, self.fs)
             with staging_dir(dest, overwrite=dest.exists()) as tmp:
                 for rel in sorted(manifest["files"]):
@@ -225,7 +233,7 @@ class Registry:
         problems = check_files(str(dest), read_manifest(str(dest))["files"])
         if problems:
             raise RegistryError(
-                f"{dest}: fetched copy of {kind}/{name} {version} is corrupt: "
+                f"{dest}: {kind}/{name} {version} is corrupt: "
                 + "; ".join(problems)
             )
         return dest

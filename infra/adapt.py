@@ -22,6 +22,7 @@ import logging
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +38,8 @@ from embeddings.schema import Schema
 from embeddings.tables import build_ebc
 from infra import ray_backend
 from infra.logs import LogDataset
-from infra.pretrain import load_schema, resolve_paths
-from infra.storage import is_s3, open_fs
+from infra.pretrain import cache_dir, load_schema, resolve_paths
+from infra.storage import open_fs
 from mdlora.artifact import read_manifest
 from mdlora.config import from_dict, to_dict
 from trainer.adapt import DomainResult, Features, Head, materialise, train_mlora, train_multilora
@@ -197,8 +198,9 @@ def _clean(metrics: dict) -> dict:
 
 
 def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head, results: list[DomainResult],
-            shared: dict, window: dict[str, str]) -> dict[str, dict]:
-    """One bundle per domain into the registry; promote where a domain has no production yet."""
+            shared: dict, window: dict[str, str], promote_new: bool = True) -> dict[str, dict]:
+    """One bundle per domain into the registry; promote where a domain has no production yet
+    (unless ``promote_new`` is False: then no alias but ``latest`` moves)."""
     registry = Registry(*open_fs(cfg.output.root))
     dense = head.param_count()
     lora = to_dict(cfg.lora)
@@ -216,7 +218,7 @@ def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head
                 metrics=metrics, data_window=window)
             write_bundle(Path(tmp) / r.domain, tensors, manifest)
             version = registry.publish("adapters", r.domain, Path(tmp) / r.domain)
-            promoted = "production" not in registry.aliases("adapters", r.domain)
+            promoted = promote_new and "production" not in registry.aliases("adapters", r.domain)
             if promoted:
                 registry.promote("adapters", r.domain, version)
             out[r.domain] = {"version": version, "promoted": promoted, "param_count": count,
@@ -242,9 +244,9 @@ def production_shared(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema) 
 
 
 def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, splits: dict[str, str],
-         domains: list[str], shared: dict | None, seed_split: bool) -> dict:
+         domains: list[str], shared: dict | None, seed_split: bool, promote_new: bool = True) -> dict:
     t0 = time.time()
-    name = f"adapt-{cfg.output.model}-{int(t0)}"
+    name = f"adapt-{cfg.output.model}-{int(t0)}-{uuid.uuid4().hex[:8]}"  # concurrent jobs: own run dirs
     feats, head = materialise_splits(cfg, backbone, schema, splits, domains, name)
     if seed_split:  # one dataset: a seeded 9:1 train/validation split of its rows
         feats = feats["all"].split(cfg.loop.seed)
@@ -257,7 +259,8 @@ def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, splits: dict[
     results, shared_out = train_domains(cfg, head, schema, trained, feats, shared)
     t2 = time.time()
     window = {"window": cfg.data.window or "all", **splits}
-    bundles = publish(cfg, backbone, schema, head, results, shared_out if shared is None else shared, window)
+    bundles = publish(cfg, backbone, schema, head, results, shared_out if shared is None else shared, window,
+                      promote_new)
     return {"backbone": {"name": backbone.name, "version": backbone.version, "content_hash": backbone.content_hash},
             "method": cfg.lora.method, "bundles": bundles, "skipped_no_rows": empty,
             "rows": {s: len(f) for s, f in feats.items()},
@@ -266,9 +269,7 @@ def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, splits: dict[
 
 def _cache_dir(cfg: AdaptConfig) -> Path:
     """Local directory for artefacts fetched from an S3 registry (unused for local ones)."""
-    if is_s3(cfg.output.run_dir):
-        return Path(tempfile.gettempdir()) / "mdlora-cache"
-    return Path(cfg.output.run_dir) / "cache"
+    return cache_dir(cfg.output.run_dir)
 
 
 def _prepare(cfg: AdaptConfig) -> tuple[AdaptConfig, BackboneInfo]:
@@ -276,8 +277,12 @@ def _prepare(cfg: AdaptConfig) -> tuple[AdaptConfig, BackboneInfo]:
     return cfg, open_backbone(cfg.output.root, cfg.output.model, cfg.output.backbone, _cache_dir(cfg))
 
 
-def adapt(cfg: AdaptConfig, domains: list[str] | None = None) -> dict:
-    """Train and publish adapters of ``domains`` (default ``data.domains``, else every domain)."""
+def adapt(cfg: AdaptConfig, domains: list[str] | None = None, *, promote_new: bool = True) -> dict:
+    """Train and publish adapters of ``domains`` (default ``data.domains``, else every domain).
+
+    ``promote_new=False`` publishes without promoting domains that have no production bundle yet
+    (scheduled retrain promotes only after its gate).
+    """
     cfg, backbone = _prepare(cfg)
     schema = _schema(cfg, backbone)
     domains = list(domains or cfg.data.domains or schema.domain.values)
@@ -285,7 +290,7 @@ def adapt(cfg: AdaptConfig, domains: list[str] | None = None) -> dict:
         schema.domain.index(d)  # ValueError naming an unknown domain
     splits = {"train": cfg.data.train} | ({"validation": cfg.data.val} if cfg.data.val else {}) \
         | ({"test": cfg.data.test} if cfg.data.test else {})
-    return _run(cfg, backbone, schema, splits, domains, None, False)
+    return _run(cfg, backbone, schema, splits, domains, None, False, promote_new)
 
 
 def add_domain(cfg: AdaptConfig, domain: str, data: str) -> dict:

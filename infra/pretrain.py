@@ -16,15 +16,19 @@ import logging
 import os
 import shutil
 import signal
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from adapters.registry import Registry
-from embeddings.batch import BatchConverter
+from embeddings import sharding
+from embeddings.batch import BatchConverter, LogValidationError, find_problems
 from embeddings.schema import Schema
 from embeddings.sharding import format_plan
+from embeddings.tables import build_ebc
 from infra import ray_backend
 from infra.logs import LogDataset
 from infra.storage import is_s3, open_fs
@@ -75,9 +79,43 @@ def datasets(cfg: RunConfig, schema: Schema) -> tuple[LogDataset, LogDataset | N
     return train_ds, val_ds
 
 
+def preflight(cfg: RunConfig, schema: Schema, logs: list[LogDataset]) -> None:
+    """Refuse in the driver, before Ray starts, what would otherwise fail (or hang) in the workers.
+
+    * ``dist.world_size`` x ``dist.cpus_per_worker`` must fit this machine's CPUs when Ray is
+      embedded (Ray Train would wait for the missing CPUs forever);
+    * the tables must be shardable over ``dist.world_size`` ranks with the allowed sharding types
+      (the same planner call as ``mdlora plan``, on the meta device);
+    * every log dataset must have the schema's columns, and the first record batch of its first
+      file must convert cleanly (a cheap probe: the converter still checks every batch).
+
+    Raises:
+        ValueError: naming the config key, table, file, column or value at fault.
+    """
+    d = cfg.dist
+    need, have = d.world_size * d.cpus_per_worker, os.cpu_count() or 1
+    if d.device == "cpu" and not (d.address or os.environ.get("RAY_ADDRESS")) and need > have:
+        raise ValueError(f"dist.world_size: {d.world_size} workers x {d.cpus_per_worker} CPUs need {need} "
+                         f"CPUs, this machine has {have}; lower it or set dist.address to a Ray cluster")
+    ebc = build_ebc(schema)  # meta: nothing is allocated
+    sharding.apply_sparse_optimizer(ebc, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, d.device)
+    sharding.plan_for(ebc, d.world_size, d.device, hbm_gb=d.hbm_gb, sharding_types=d.sharding_types,
+                      table_sharding=d.table_sharding, batch_size=max(1, cfg.data.batch_size // d.world_size))
+    for data in logs:
+        if data.missing_columns:
+            raise LogValidationError(f"{data.uri}: missing column {data.missing_columns[0]!r} "
+                                     f"(schema columns: {schema.columns()})")
+        for piece in data.fragments()[:1]:  # no piece: an empty dataset, reported by its reader
+            problems = find_problems(schema, next(iter(data.read_piece(piece))))
+            if problems:
+                raise LogValidationError(problems[0].message(piece.path))
+
+
 def worker(config: dict) -> None:
     """One Ray Train worker: build + shard, resume if a checkpoint exists, train, report."""
     cfg = from_dict(RunConfig, config["run"])
+    if config.get("fault_write"):  # reliability tests: see mdlora.atomic._fault_point
+        os.environ["MDLORA_FAULT_WRITE"] = config["fault_write"]
     env = ray_backend.worker_env(cfg.dist.device)
     torch.set_num_threads(cfg.dist.cpus_per_worker)
     schema = load_schema(cfg.data.schema)
@@ -88,7 +126,7 @@ def worker(config: dict) -> None:
         raise ValueError(f"{cfg.data.train}: fewer rows than one batch of {cfg.data.batch_size} per "
                          f"{env.world_size} workers; lower data.batch_size")
     total = cfg.loop.max_steps or steps * cfg.loop.epochs
-    setup = setup_pretrain(cfg, env, schema, total)
+    setup = setup_pretrain(cfg, env, schema, total, init=config.get("init") or None)
     if env.is_main:
         log.info("sharding plan (%d ranks):\n%s", env.world_size, format_plan(setup.plan))
     conv = BatchConverter(schema)
@@ -136,13 +174,20 @@ def pretrain(cfg: RunConfig, *, run_name: str | None = None) -> dict:
     """
     cfg = resolve_paths(cfg)
     schema = load_schema(cfg.data.schema)
-    train_ds, _ = datasets(cfg, schema)  # fails fast on a missing/empty dataset
+    train_ds, val_ds = datasets(cfg, schema)  # fails fast on a missing/empty dataset
     if train_ds.num_batches(max(1, cfg.data.batch_size // cfg.dist.world_size), cfg.dist.world_size) < 1:
         raise ValueError(f"{cfg.data.train}: fewer rows than one global batch ({cfg.data.batch_size})")
+    preflight(cfg, schema, [train_ds] + ([val_ds] if val_ds else []))
+    init = warm_start(cfg, schema)
     t0 = time.time()
     ray_backend.init_ray(cfg.dist.address)
+    need = cfg.dist.world_size * cfg.dist.cpus_per_worker
+    if cfg.dist.device == "cpu" and ray_backend.available_cpus() < need:
+        raise ValueError(f"dist.world_size: {cfg.dist.world_size} workers x {cfg.dist.cpus_per_worker} CPUs "
+                         f"need {need} CPUs, the Ray cluster has {ray_backend.available_cpus()}")
     result = ray_backend.run_workers(
-        worker, {"run": to_dict(cfg), "fault": os.environ.get("MDLORA_FAULT_KILL", "")}, world_size=cfg.dist.world_size, device=cfg.dist.device,
+        worker, {"run": to_dict(cfg), "fault": os.environ.get("MDLORA_FAULT_KILL", ""),
+                 "fault_write": os.environ.get("MDLORA_FAULT_WRITE", ""), "init": init}, world_size=cfg.dist.world_size, device=cfg.dist.device,
         cpus_per_worker=cfg.dist.cpus_per_worker, max_failures=cfg.dist.max_failures,
         storage_path=cfg.output.run_dir, name=run_name or f"{cfg.output.model}-{int(t0)}",
         score="wauc" if cfg.data.val else None,
@@ -155,6 +200,38 @@ def pretrain(cfg: RunConfig, *, run_name: str | None = None) -> dict:
         shutil.rmtree(result.workdir, ignore_errors=True)
     summary["seconds"] = round(time.time() - t0, 1)
     return summary
+
+
+def cache_dir(run_dir: str) -> Path:
+    """Local directory for artefacts fetched from an S3 registry (unused for local ones)."""
+    if is_s3(run_dir):
+        return Path(tempfile.gettempdir()) / "mdlora-cache"
+    return Path(run_dir) / "cache"
+
+
+def warm_start(cfg: RunConfig, schema: Schema) -> str:
+    """Resolve ``model.init_from`` to a local copy of that backbone; pins the version in ``cfg``.
+
+    Returns:
+        The local directory of the backbone version, or '' when ``model.init_from`` is unset.
+
+    Raises:
+        ConfigError: the backbone's schema hash or architecture differs from this run's.
+    """
+    if not cfg.model.init_from:
+        return ""
+    registry = Registry(*open_fs(cfg.output.root))
+    version = Path(registry.resolve("backbones", cfg.output.model, cfg.model.init_from)).name
+    path = registry.fetch("backbones", cfg.output.model, version, cache_dir(cfg.output.run_dir))
+    parent = from_dict(RunConfig, json.loads((path / "config.json").read_text()))
+    what = f"model.init_from: backbone {cfg.output.model} {version}"
+    if Schema.load(path / "schema.yaml").content_hash() != schema.content_hash():
+        raise ConfigError(f"{what} was trained with another schema than {cfg.data.schema} (schema hash differs)")
+    if replace(parent.model, init_from="") != replace(cfg.model, init_from=""):
+        raise ConfigError(f"{what} has architecture {to_dict(parent.model)}, this run {to_dict(cfg.model)}")
+    cfg.model.init_from = version
+    log.info("warm start from backbone %s %s", cfg.output.model, version)
+    return str(path)
 
 
 def publish_backbone(cfg: RunConfig, schema: Schema, checkpoint: Path) -> dict:

@@ -26,6 +26,8 @@ import torch
 from trainer.env import DistEnv
 
 log = logging.getLogger("mdlora.ray")
+WORKER_NICENESS = 0
+"""Niceness of the workers of an embedded Ray (Ray's own default is 15)."""
 
 
 @dataclass
@@ -50,6 +52,11 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Ray starts workers at nice 15, below its own nice-0 daemons and every other process:
+        # on a small shared host the trainers then stall whenever anything else runs (at world
+        # size 1 one descheduled OpenMP thread stalls the step). This Ray serves this job only,
+        # so its trainers run at the normal priority (an explicit env value wins).
+        os.environ.setdefault("RAY_worker_niceness", str(WORKER_NICENESS))
         # the dashboard (127.0.0.1 only) serves the state API Ray Train's controller polls
         ray.init(num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1",
                  configure_logging=False, log_to_driver=True)

@@ -17,6 +17,9 @@ import asyncio
 import re
 import shlex
 import time
+from typing import Any
+
+import yaml
 
 EXCLUDES = [".venv", ".git", "demo-out", "runs", "benchmarks/results", "__pycache__", ".pytest_cache",
             ".ruff_cache", "*.egg-info", "build", ".whl", ".gl"]
@@ -30,9 +33,60 @@ def masked(env: dict[str, str]) -> dict[str, str]:
     return {k: "***" if _SECRET.search(k) else v for k, v in env.items()}
 
 
-def submit(address: str, entrypoint_args: list[str], *, working_dir: str = ".", wait: bool = False,
-           env_vars: dict[str, str] | None = None) -> tuple[str, str]:
+def load_runtime_env(path: str) -> dict[str, Any]:
+    """Read a ``runtime_env`` YAML file, the format of ``ray job submit --runtime-env FILE``.
+
+    Args:
+        path: local YAML file holding one mapping of Ray ``runtime_env`` fields
+            (``working_dir``, ``excludes``, ``env_vars``, ``pip``, ``image_uri``, ...).
+
+    Returns:
+        The mapping, checked by Ray's own ``RuntimeEnv`` (field types).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a mapping, an unknown field, or a field of the wrong type (names the file).
+    """
+    from ray.runtime_env import RuntimeEnv
+
+    with open(path) as f:
+        env = yaml.safe_load(f)
+    if not isinstance(env, dict):
+        raise ValueError(f"{path}: expected a mapping of runtime_env fields, got {type(env).__name__}")
+    unknown = sorted(set(env) - RuntimeEnv.known_fields)
+    if unknown:
+        raise ValueError(f"{path}: unknown runtime_env field(s) {unknown}")
+    try:
+        RuntimeEnv(**env)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+    return env
+
+
+def job_runtime_env(base: dict[str, Any] | None, working_dir: str | None,
+                    env_vars: dict[str, str] | None) -> dict[str, Any]:
+    """The runtime_env of a submitted job.
+
+    Args:
+        base: runtime_env from a file (:func:`load_runtime_env`) or None; not modified.
+        working_dir: wins over ``base["working_dir"]``; neither given: ``.``.
+        env_vars: set over ``base["env_vars"]``.
+
+    Returns:
+        ``base`` with that working dir, :data:`EXCLUDES` + its ``excludes`` and the merged env.
+    """
+    base = dict(base or {})
+    return {**base, "working_dir": working_dir or base.get("working_dir", "."),
+            "excludes": [*EXCLUDES, *base.get("excludes", [])],
+            "env_vars": {**base.get("env_vars", {}), **(env_vars or {})}}
+
+
+def submit(address: str, entrypoint_args: list[str], *, working_dir: str | None = None, wait: bool = False,
+           env_vars: dict[str, str] | None = None, runtime_env: dict[str, Any] | None = None) -> tuple[str, str]:
     """Submit ``mdlora <entrypoint_args>`` to the Ray cluster at ``address``.
+
+    The job's runtime_env is :func:`job_runtime_env` of ``runtime_env`` (e.g. from
+    :func:`load_runtime_env`): ``--working-dir`` wins over the file's, as in ``ray job submit``.
 
     Args:
         address: the cluster's dashboard / job API, e.g. ``http://127.0.0.1:8265``.
@@ -40,6 +94,7 @@ def submit(address: str, entrypoint_args: list[str], *, working_dir: str = ".", 
         working_dir: local dir uploaded as the job's working dir (see :data:`EXCLUDES`).
         wait: stream the job's logs to stdout until it ends.
         env_vars: extra environment variables of the job (credential values are masked in output).
+        runtime_env: base runtime_env of the job (any Ray field: ``pip``, ``image_uri``, ...).
 
     Returns:
         ``(job_id, status)``: the final status (``SUCCEEDED``, ``FAILED``, ``STOPPED``) with
@@ -54,7 +109,8 @@ def submit(address: str, entrypoint_args: list[str], *, working_dir: str = ".", 
 
     if not entrypoint_args:
         raise ValueError("submit: no job given (expected e.g. `-- pretrain --config C`)")
-    runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": dict(env_vars or {})}
+    runtime_env = job_runtime_env(runtime_env, working_dir, env_vars)
+    env_vars = runtime_env["env_vars"]
     entrypoint = shlex.join(["mdlora", *entrypoint_args])
     try:
         client = JobSubmissionClient(address)

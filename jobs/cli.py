@@ -8,6 +8,7 @@ leave partial output behind (writers commit atomically).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "adapt": ("jobs.adapt", "train per-domain LoRA adapters on the frozen backbone and publish one bundle per domain"),
     "add-domain": ("jobs.add_domain", "train one new domain's adapter against the production backbone; touches nothing else"),
     "score": ("jobs.score", "score a mixed-domain dataset, each row routed to its domain's production adapter"),
+    "retrain": ("jobs.retrain", "scheduled retrain of a window: warm-started backbone, rebased adapters, per-domain promotion gate"),
     "bundles": ("jobs.bundles", "list, show, verify, promote or roll back registry versions (adapters, backbones)"),
     "submit": ("jobs.submit", "submit any mdlora job to a Ray cluster (Ray Jobs API, token auth); --wait streams its logs"),
 }
@@ -34,6 +36,12 @@ def add_config_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set loop.epochs=3 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+# OS errors about the user's output location (disk full, quota, file size limit, read-only or
+# forbidden path, a file where a directory is expected): one line, like other user errors.
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                errno.ENOTDIR, errno.EISDIR}
 
 
 class UserError(Exception):
@@ -69,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mdlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # validation errors from schema/readers name the bad value
+        print(f"mdlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _USER_ERRNOS:
+            raise
         print(f"mdlora {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,13 +1,8 @@
 """Adapter training on the frozen backbone's cached embedding-layer output. No Ray, no log I/O.
 
-Letters: N rows, E width of the embedding-layer output ``x`` (:meth:`Backbone.embed`), K domains,
-A auxiliary divisions.
-
-Why a cache is exact: the backbone is frozen, so ``x = embed(sparse, dense)`` of a row never
-changes during adaptation. :func:`materialise` computes it once (no grad; on sharded tables each
-rank embeds its own rows), and the adapters then train on :class:`Head` — a frozen copy of the
-tower and output layer, ``logit = out(tower(x))`` — with per-domain LoRA injected into its Linears.
-Embeddings get no gradients and no optimiser state, and a step costs only the small head.
+Adapters train on :class:`~trainer.features.Head` over :class:`~trainer.features.Features`
+(re-exported here), the cached ``x`` of every row (see :mod:`trainer.features` for why that is
+exact).
 
 * MLoRA (:func:`train_mlora`): every domain is independent: its own init seed, its own
   single-domain batches, its own Adam state, its own early stopping on its validation AUC (the
@@ -15,9 +10,13 @@ Embeddings get no gradients and no optimiser state, and a step costs only the sm
   one batch of each (steps follow the largest domain, not the number of domains); results do
   not depend on the pack or process a domain lands in (up to float rounding), so callers may
   partition domains over processes freely.
-* MultiLoRA (:func:`train_multilora`): the aux-value LoRAs are shared by all domains, so domains
-  train jointly on mixed batches; each domain still has its own Adam (stepped only on batches
-  holding its rows), early stopping and best state; a stopped domain's rows leave the batches.
+* MultiLoRA (:func:`train_multilora`): the aux-value LoRAs are shared by all domains: a joint
+  stage on mixed batches picks the shared state, then each domain trains alone against it.
+
+No negative transfer on validation: every adapted layer starts exactly at the frozen layer, and
+that starting state is a candidate of every early stopping, so a kept state never scores below
+its start on validation (for MLoRA and the MultiLoRA joint stage, the start is the backbone).
+Validation runs at the end of each epoch and, with ``eval_every``, every N steps.
 
 Metrics per domain and split (``validation``, ``test``): AUC and LogLoss of the frozen head
 alone and with the adapter, and the sample count.
@@ -25,10 +24,9 @@ alone and with the adapter, and the sample count.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -38,104 +36,13 @@ from torch import Tensor, nn
 from adapters.config import LoraConfig
 from adapters.inject import AdaptedModel, inject
 from adapters.lora import DomainLoRALinear
-from embeddings.batch import Batch
-from trainer.backbone import Backbone
 from trainer.config import AdaptTrainConfig, LoopConfig
+from trainer.features import Features, Head, materialise, predict
 from trainer.metrics import DomainMetrics
 
-EVAL_ROWS = 65536
+__all__ = ["DomainResult", "Features", "Head", "compare", "domain_seed", "materialise", "predict",
+           "train_mlora", "train_mlora_domain", "train_multilora"]
 SPLITS = ("validation", "test")
-
-
-@dataclass
-class Features:
-    """Cached embedding-layer output of N rows.
-
-    Attributes:
-        x: float32 [N, E] = ``Backbone.embed(sparse, dense)``.
-        labels: float32 [N].
-        domains: int64 [N] ids into the schema's domain vocabulary.
-        aux: int64 [N, A] auxiliary division ids.
-    """
-
-    x: Tensor
-    labels: Tensor
-    domains: Tensor
-    aux: Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def select(self, index: Tensor) -> Features:
-        """Rows picked by a bool mask or an index tensor."""
-        return Features(self.x[index], self.labels[index], self.domains[index], self.aux[index])
-
-    def of_domain(self, domain_id: int) -> Features:
-        """The rows of one domain."""
-        return self.select(self.domains == domain_id)
-
-    @staticmethod
-    def cat(parts: list[Features], width: int, aux: int) -> Features:
-        """Concatenate row-wise; an empty list gives 0 rows of ``[0, width]`` / ``[0, aux]``."""
-        if not parts:
-            return Features(torch.zeros(0, width), torch.zeros(0), torch.zeros(0, dtype=torch.long),
-                            torch.zeros(0, aux, dtype=torch.long))
-        return Features(*(torch.cat(t) for t in zip(*(p.tensors() for p in parts), strict=True)))
-
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(x, labels, domains, aux)``."""
-        return self.x, self.labels, self.domains, self.aux
-
-    def split(self, seed: int, validation: float = 0.1) -> dict[str, Features]:
-        """Seeded random ``{"train", "validation"}`` partition; validation gets floor(N·share) rows."""
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        cut = len(self) - int(len(self) * validation)
-        return {"train": self.select(perm[:cut]), "validation": self.select(perm[cut:])}
-
-
-@torch.no_grad()
-def materialise(backbone: Backbone, batches: Iterable[Batch]) -> Features:
-    """Embed every batch once with the frozen embedding layer.
-
-    Args:
-        backbone: the backbone (unsharded, or the inner module of a DMP: its sharded EBC runs the
-            all-to-all, so every rank passes the same number of batches; it takes 0-row batches,
-            which an unsharded EBC rejects).
-        batches: this rank's batches.
-
-    Returns:
-        Their :class:`Features`, rows in batch order.
-    """
-    parts = [Features(backbone.embed(b.sparse, b.dense).float().cpu(), b.labels.cpu(),
-                      b.domains.cpu(), b.aux.cpu()) for b in batches]
-    return Features.cat(parts, backbone.input_dim, 0 if not parts else parts[0].aux.shape[1])
-
-
-class Head(nn.Module):
-    """What the backbone computes after ``x``: ``logit = out(tower(x))`` [B] (frozen copies).
-
-    Args:
-        tower: the backbone's ``tower`` (copied).
-        out: the backbone's ``out`` (copied).
-    """
-
-    def __init__(self, tower: nn.Module, out: nn.Module) -> None:
-        super().__init__()
-        self.tower, self.out = copy.deepcopy(tower), copy.deepcopy(out)
-        self.requires_grad_(False)
-
-    @classmethod
-    def of(cls, backbone: Backbone) -> Head:
-        """The frozen head of ``backbone`` (its tower and output layer, copied)."""
-        return cls(backbone.tower, backbone.out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[B, E] -> logits [B]."""
-        return self.out(self.tower(x)).squeeze(1)
-
-    def param_count(self) -> int:
-        """Dense backbone parameters (tower + output): the denominator of ``param_share``."""
-        return sum(p.numel() for p in self.parameters())
 
 
 @dataclass
@@ -151,26 +58,30 @@ class DomainResult:
     best_epoch: int = 0
     """Epoch (1-based) whose state was kept; 0: the initial (zero-update) state."""
     history: list[float | None] = field(default_factory=list)
-    """Validation score after each epoch (AUC, or -LogLoss when AUC is undefined)."""
+    """Validation score after each evaluation (AUC, or -LogLoss when AUC is undefined)."""
+    best_step: int = 0
+    """Optimiser steps of the run (its pack) when the kept state was validated; 0: initial."""
+
+
+class _Best:
+    """Early stopping on one validation score: the best state so far (the initial one included)."""
+
+    def __init__(self, score: float | None, state: object) -> None:
+        self.score, self.state, self.evals, self.best_eval, self.at = score, state, 0, 0, (0, 0)
+
+    def update(self, score: float | None, state: Callable[[], object], epoch: int, step: int,
+               patience: int, min_delta: float = 0.0) -> bool:
+        """Record one evaluation; False once ``patience`` evaluations passed without a score
+        better than the best by more than ``min_delta``."""
+        self.evals += 1
+        if score is None or self.score is None or score > self.score + min_delta:
+            self.score, self.state, self.best_eval, self.at = score, state(), self.evals, (epoch, step)
+        return not (patience and self.evals - self.best_eval >= patience)
 
 
 def domain_seed(seed: int, domain: str) -> int:
     """Seed of one domain's init and batch order: the same wherever and with whom it runs."""
     return zlib.crc32(f"{seed}:{domain}".encode())
-
-
-@torch.no_grad()
-def predict(model: nn.Module, adapted: AdaptedModel | None, feats: Features,
-            slots: Tensor | None = None, aux_col: int | None = None) -> Tensor:
-    """Probabilities [N] of ``model`` on cached features, routed by ``slots`` [N] (eval mode)."""
-    model.eval()
-    out = []
-    for lo in range(0, len(feats), EVAL_ROWS):
-        rows = slice(lo, lo + EVAL_ROWS)
-        aux = None if aux_col is None else feats.aux[rows, aux_col]
-        with adapted.routing(slots[rows], aux) if adapted is not None else contextlib.nullcontext():
-            out.append(torch.sigmoid(model(feats.x[rows])))
-    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _score(probs: Tensor, labels: Tensor) -> dict:
@@ -212,13 +123,9 @@ def train_mlora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[st
                 splits: dict[str, Features], cfg: AdaptTrainConfig, loop: LoopConfig) -> list[DomainResult]:
     """Train each of ``domains`` (ids into ``vocab``) on its own rows, ``cfg.pack`` at a time.
 
-    A pack of P domains shares one routed model but nothing else: step i holds the i-th batch of
-    each domain still in its epoch, the loss is ``sum_d mean_{rows of d} BCE`` (so each domain's
-    gradient is its single-domain batch gradient), domains without a batch in the step get no
-    gradient (``grad = None``: Adam skips them, and Adam state is per parameter), and every domain
-    stops on its own validation AUC. A domain's result is therefore the same — up to float
-    rounding — whatever it is packed or partitioned with, while a pack costs
-    ``max_d ceil(n_d / batch)`` steps instead of ``sum_d ceil(n_d / batch)``.
+    A pack of P domains shares one routed model but nothing else (:func:`_train_domains`), so a
+    domain's result is the same — up to float rounding — whatever it is packed or partitioned
+    with, while a pack costs ``max_d ceil(n_d / batch)`` steps instead of ``sum_d``.
 
     Args:
         head: the frozen head (copied here, never modified).
@@ -234,7 +141,12 @@ def train_mlora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[st
     """
     out = []
     for lo in range(0, len(domains), cfg.pack):
-        out += _train_pack(head, lora, vocab, domains[lo:lo + cfg.pack], splits, cfg, loop)
+        pack, model = domains[lo:lo + cfg.pack], copy.deepcopy(head)
+        adapted = inject(model, lora, pack, root="tower")
+        _initial_states(adapted, lora, pack, loop.seed)
+        part, slots = _routed(adapted, vocab, splits)
+        out += (results := _train_domains(model, adapted, pack, part, slots, None, cfg, loop))
+        _final_metrics(head, model, adapted, part, slots, results)
     return out
 
 
@@ -245,75 +157,99 @@ def train_mlora_domain(head: Head, lora: LoraConfig, domain: str, splits: dict[s
     return train_mlora(head, lora, [domain], [domain], own, cfg, loop)[0]
 
 
-def _train_pack(head: Head, lora: LoraConfig, vocab: list[str], pack: list[str],
-                splits: dict[str, Features], cfg: AdaptTrainConfig, loop: LoopConfig) -> list[DomainResult]:
-    model = copy.deepcopy(head)
-    adapted = inject(model, lora, pack, root="tower")
-    _initial_states(adapted, lora, pack, loop.seed)
-    own = {d: list(adapted.adapter_params(d).values()) for d in pack}
-    opt = torch.optim.Adam(adapted.adapter_params().values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+def _routed(adapted: AdaptedModel, vocab: list[str], splits: dict[str, Features]
+            ) -> tuple[dict[str, Features], dict[str, Tensor]]:
+    """Rows of the adapted domains per split and their slots [N] into ``adapted.domain_names``."""
     lut = torch.full((len(vocab),), -1, dtype=torch.long)
-    lut[[vocab.index(d) for d in pack]] = torch.arange(len(pack))
+    lut[[vocab.index(d) for d in adapted.domain_names]] = torch.arange(len(adapted.domain_names))
     part = {s: f.select(lut[f.domains] >= 0) for s, f in splits.items()}
-    slots = {s: lut[f.domains] for s, f in part.items()}
+    return part, {s: lut[f.domains] for s, f in part.items()}
+
+
+def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], part: dict[str, Features],
+                   slots: dict[str, Tensor], aux_col: int | None, cfg: AdaptTrainConfig,
+                   loop: LoopConfig) -> list[DomainResult]:
+    """Train the own tensors of ``names`` (domains of ``adapted``), each on its own rows.
+
+    Step i holds the i-th batch of each domain still in its epoch; the loss is
+    ``sum_d mean_{rows of d} BCE`` (each domain's gradient is its single-domain batch gradient);
+    domains without a batch in the step get ``grad = None`` (Adam skips them). Each domain stops
+    on its own validation score (:class:`_Best`; its starting state is a candidate); a stopped
+    domain leaves the steps. Other domains' and shared tensors are not touched. Each domain is
+    left at its kept state.
+    """
+    pos = [adapted.domain_names.index(d) for d in names]
+    own = {d: list(adapted.adapter_params(d).values()) for d in names}
+    opt = torch.optim.Adam([p for ps in own.values() for p in ps], lr=cfg.lr, weight_decay=cfg.weight_decay)
     train, val = part["train"], part.get("validation")
-    rows = [torch.nonzero(slots["train"] == k).squeeze(1) for k in range(len(pack))]
-    gens = [torch.Generator().manual_seed(domain_seed(loop.seed, d)) for d in pack]
-    results = [DomainResult(d, adapted.state_for(d)) for d in pack]
-    best = _val_scores(model, adapted, val, slots.get("validation"), len(pack))
-    active = set(range(len(pack)))
+    rows = [torch.nonzero(slots["train"] == k).squeeze(1) for k in pos]
+    gens = [torch.Generator().manual_seed(domain_seed(loop.seed, d)) for d in names]
+    results = [DomainResult(d, {}, train_samples=len(r)) for d, r in zip(names, rows, strict=True)]
+
+    def validate() -> list[float | None]:
+        s = _val_scores(model, adapted, val, slots.get("validation"), aux_col, len(adapted.domain_names))
+        return [s[k] for k in pos]
+
+    stops = [_Best(v, adapted.state_for(d)) for v, d in zip(validate(), names, strict=True)]
+    active, step, seen = set(range(len(names))), 0, 0
+
+    def evaluate(epoch: int) -> None:
+        nonlocal seen
+        scores, seen = validate(), step
+        for k in sorted(active):
+            results[k].history.append(scores[k])
+            if not stops[k].update(scores[k], lambda k=k: adapted.state_for(names[k]), epoch, step,
+                                   loop.patience, cfg.min_delta):
+                active.discard(k)
+
     for epoch in range(1, loop.epochs + 1):
-        model.train()
         orders = {k: _batches(len(rows[k]), cfg.batch_size, gens[k]) for k in sorted(active)}
-        for step in range(max((len(o) for o in orders.values()), default=0)):
-            batch = [(k, rows[k][o[step]]) for k, o in orders.items() if step < len(o)]
-            idx = torch.cat([i for _, i in batch])
-            slot = torch.cat([torch.full((len(i),), k) for k, i in batch])
-            weight = torch.cat([torch.full((len(i),), 1.0 / len(i)) for _, i in batch])
-            with adapted.routing(slot):
+        for i in range(max(len(o) for o in orders.values())):
+            batch = [(k, rows[k][o[i]]) for k, o in orders.items() if i < len(o) and k in active]
+            if not batch:
+                break
+            idx = torch.cat([j for _, j in batch])
+            weight = torch.cat([torch.full((len(j),), 1.0 / len(j)) for _, j in batch])
+            model.train()
+            with adapted.routing(slots["train"][idx], None if aux_col is None else train.aux[idx, aux_col]):
                 per_row = F.binary_cross_entropy_with_logits(model(train.x[idx]), train.labels[idx],
                                                              reduction="none")
             opt.zero_grad(set_to_none=True)
             (per_row * weight).sum().backward()
-            stepping = {k for k, _ in batch}
-            for k in set(range(len(pack))) - stepping:
-                for p in own[pack[k]]:
+            for k in set(range(len(names))) - {k for k, _ in batch}:
+                for p in own[names[k]]:
                     p.grad = None  # Adam skips it: no update, no state change
             opt.step()
-        scores = _val_scores(model, adapted, val, slots.get("validation"), len(pack))
-        for k in sorted(active):
-            r = results[k]
-            r.history.append(scores[k])
-            if scores[k] is None or best[k] is None or scores[k] > best[k]:
-                best[k], r.state, r.best_epoch = scores[k], adapted.state_for(pack[k]), epoch
-            elif loop.patience and epoch - r.best_epoch >= loop.patience:
-                active.discard(k)
+            step += 1
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                evaluate(epoch)
+        if seen != step:  # end of the epoch, unless just validated
+            evaluate(epoch)
         if not active:
             break
-    for k, r in enumerate(results):
-        if r.best_epoch != len(r.history):  # the kept state is not the current one
-            adapted.load_state_for(r.domain, r.state)
-        r.train_samples = len(rows[k])
-    _final_metrics(head, model, adapted, part, slots, results)
+    for r, stop in zip(results, stops, strict=True):
+        r.state, (r.best_epoch, r.best_step) = stop.state, stop.at
+        adapted.load_state_for(r.domain, r.state)
     return results
 
 
 def _final_metrics(head: Head, model: nn.Module, adapted: AdaptedModel, part: dict[str, Features],
                    slots: dict[str, Tensor], results: list[DomainResult], aux_col: int | None = None) -> None:
     """Fill each result's validation/test metrics: frozen head vs the assembled adapted model."""
+    names = adapted.domain_names
     for split in SPLITS:
         f = part.get(split)
         if f is None or not len(f):
             continue
         base, mine = predict(head, None, f), predict(model, adapted, f, slots[split], aux_col)
-        for k, r in enumerate(results):
-            m = slots[split] == k
+        for r in results:
+            m = slots[split] == names.index(r.domain)
             if m.any():
                 r.metrics[split] = compare(base[m], mine[m], f.labels[m])
 
 
 def _val_scores(model: nn.Module, adapted: AdaptedModel, val: Features | None, slots: Tensor | None,
-                k: int, aux_col: int | None = None) -> list[float | None]:
+                aux_col: int | None, k: int) -> list[float | None]:
     """Validation score of each of ``k`` routed domains (None: no validation rows)."""
     if val is None or not len(val):
         return [None] * k
@@ -322,11 +258,61 @@ def _val_scores(model: nn.Module, adapted: AdaptedModel, val: Features | None, s
             for j in range(k)]
 
 
+def _train_joint(model: nn.Module, adapted: AdaptedModel, part: dict[str, Features], slots: dict[str, Tensor],
+                 aux_col: int, cfg: AdaptTrainConfig, loop: LoopConfig) -> None:
+    """MultiLoRA stage 1: every adapter tensor on mixed batches; restore the best joint snapshot.
+
+    The score is the mean of the domains' validation scores (each domain counts the same, however
+    small); the zero update (= the backbone) is a candidate, and a snapshot in which any domain
+    scores below its backbone score is never kept (-inf): the shared state cannot trade one
+    domain's loss for the others' gains.
+    """
+    opt = torch.optim.Adam(adapted.adapter_params().values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    names, train = adapted.domain_names, part["train"]
+    snapshot = lambda: (adapted.shared_state(), {d: adapted.state_for(d) for d in names})  # noqa: E731
+    validate = lambda: _val_scores(model, adapted, part.get("validation"), slots.get("validation"),  # noqa: E731
+                                   aux_col, len(names))
+    floor = validate()  # the backbone's score of each domain
+
+    def score() -> float | None:
+        s = validate()
+        if any(v is not None and f is not None and v < f for v, f in zip(s, floor, strict=True)):
+            return float("-inf")
+        known = [v for v in s if v is not None]
+        return sum(known) / len(known) if known else None
+
+    best, going, step = _Best(score(), snapshot()), True, 0
+    gen = torch.Generator().manual_seed(domain_seed(loop.seed, "multilora"))
+    for epoch in range(1, loop.epochs + 1):
+        order = _batches(len(train), cfg.batch_size, gen)
+        for i, idx in enumerate(order):  # validate every eval_every steps and after the last
+            model.train()
+            with adapted.routing(slots["train"][idx], train.aux[idx, aux_col]):
+                loss = F.binary_cross_entropy_with_logits(model(train.x[idx]), train.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if i + 1 == len(order) or (cfg.eval_every and step % cfg.eval_every == 0):
+                if not (going := best.update(score(), snapshot, epoch, step, loop.patience, cfg.min_delta)):
+                    break
+        if not going:
+            break
+    adapted.load_shared_state(best.state[0])
+    for d in names:
+        adapted.load_state_for(d, best.state[1][d])
+
+
 def train_multilora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[str],
                     aux_values: list[str], aux_col: int, splits: dict[str, Features],
                     cfg: AdaptTrainConfig, loop: LoopConfig,
                     shared: dict[str, Tensor] | None = None) -> tuple[list[DomainResult], dict[str, Tensor]]:
-    """Train MultiLoRA adapters of ``domains`` jointly (shared aux LoRAs), per-domain stopping.
+    """Train MultiLoRA adapters of ``domains``: shared aux LoRAs jointly, then each domain alone.
+
+    Stage 1 (``shared`` None): :func:`_train_joint` picks a shared state every domain was
+    validated with. Stage 2: with it frozen, each domain continues alone from its stage-1 state
+    (:func:`_train_domains`, as ``add-domain`` trains a new one), so every kept domain state has
+    been validated together with the returned shared state.
 
     Args:
         head: the frozen head (copied here).
@@ -336,64 +322,26 @@ def train_multilora(head: Head, lora: LoraConfig, vocab: list[str], domains: lis
         aux_values: values of the aux division ``lora.aux``.
         aux_col: its column in ``Features.aux``.
         splits: ``train`` (required), ``validation``, ``test``.
-        cfg: learning rate, batch size (mixed-domain batches).
-        loop: ``epochs``, ``patience``, ``seed``.
+        cfg: learning rate, batch size.
+        loop: ``epochs``, ``patience`` (for each stage), ``seed``.
         shared: aux LoRA state to start from and keep frozen (``add-domain``: deployed domains
-            share it); None trains it.
+            share it); None trains it (stage 1).
 
     Returns:
-        ``(results, shared state)``; every metric is computed with the kept states assembled.
+        ``(results, shared state)``; ``best_epoch``/``history`` are stage 2's (0: the stage-1
+        state); every metric is computed with the kept states assembled.
     """
     model = copy.deepcopy(head)
     with torch.random.fork_rng():
         torch.manual_seed(domain_seed(loop.seed, ",".join(domains)))
         adapted = inject(model, lora, list(domains), aux_values, root="tower")
-    if shared is not None:
+    part, slots = _routed(adapted, vocab, splits)
+    if shared is None:
+        _train_joint(model, adapted, part, slots, aux_col, cfg, loop)
+    else:
         adapted.load_shared_state(shared)
-    own = {d: adapted.adapter_params(d) for d in domains}
-    owned = {id(p) for ps in own.values() for p in ps.values()}
-    opts = {d: torch.optim.Adam(ps.values(), lr=cfg.lr, weight_decay=cfg.weight_decay) for d, ps in own.items()}
-    shared_params = [p for p in adapted.adapter_params().values() if id(p) not in owned]
-    if shared is None and shared_params:
-        opts[""] = torch.optim.Adam(shared_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lut = torch.full((len(vocab),), -1, dtype=torch.long)
-    lut[[vocab.index(d) for d in domains]] = torch.arange(len(domains))
-    part = {s: f.select(lut[f.domains] >= 0) for s, f in splits.items()}
-    slots = {s: lut[f.domains] for s, f in part.items()}
-    results = {d: DomainResult(d, adapted.state_for(d)) for d in domains}
-    val = part.get("validation")
-    # init = the frozen backbone (fresh BN in eval ~ identity): kept when never beaten on validation
-    scores = _val_scores(model, adapted, val, slots.get("validation"), len(domains), aux_col)
-    best = dict(zip(domains, scores, strict=True))
-    active, gen, train = set(domains), torch.Generator().manual_seed(domain_seed(loop.seed, "multilora")), part["train"]
-    for epoch in range(1, loop.epochs + 1):
-        live = torch.tensor([d in active for d in domains], dtype=torch.bool)
-        rows = torch.nonzero(live[slots["train"]]).squeeze(1)
-        model.train()
-        for idx in _batches(len(rows), cfg.batch_size, gen):
-            idx = rows[idx]
-            with adapted.routing(slots["train"][idx], train.aux[idx, aux_col]):
-                loss = F.binary_cross_entropy_with_logits(model(train.x[idx]), train.labels[idx])
-            for o in opts.values():
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            present = {domains[s] for s in slots["train"][idx].unique().tolist()}
-            for d, o in opts.items():
-                if d == "" or d in present:
-                    o.step()
-        scores = _val_scores(model, adapted, val, slots.get("validation"), len(domains), aux_col)
-        for k, d in enumerate(domains):
-            if d not in active:
-                continue
-            results[d].history.append(score := scores[k])
-            if score is None or best[d] is None or score > best[d]:
-                best[d], results[d].state, results[d].best_epoch = score, adapted.state_for(d), epoch
-            elif loop.patience and epoch - results[d].best_epoch >= loop.patience:
-                active.discard(d)
-        if not active:
-            break
-    for d in domains:
-        adapted.load_state_for(d, results[d].state)
-        results[d].train_samples = int((slots["train"] == domains.index(d)).sum())
-    _final_metrics(head, model, adapted, part, slots, [results[d] for d in domains], aux_col)
-    return [results[d] for d in domains], adapted.shared_state()
+    for name, p in adapted.adapter_params().items():
+        p.requires_grad_(".aux_lora." not in name)  # stage 2: the shared state stays frozen
+    results = [_train_domains(model, adapted, [d], part, slots, aux_col, cfg, loop)[0] for d in domains]
+    _final_metrics(head, model, adapted, part, slots, results, aux_col)
+    return results, adapted.shared_state()

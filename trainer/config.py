@@ -65,6 +65,11 @@ class ModelConfig:
     """DCN-v2 cross layers."""
     cross_rank: int = 0
     """DCN-v2 low-rank cross (0: full-rank)."""
+    init_from: str = ""
+    """Warm start: a version or alias (``production``, ``v0003``) of ``backbones/<output.model>``
+    in ``output.root`` whose weights and fused sparse-optimiser state initialise the run (the
+    dense optimiser starts fresh); its architecture and schema must equal this run's. The
+    published backbone records the resolved version. Empty: random initialisation."""
 
     def __post_init__(self) -> None:
         if not self.hidden or any(h < 1 for h in self.hidden):
@@ -213,6 +218,15 @@ class AdaptTrainConfig:
     faster per row on CPU than packs of 16 (the routed path's masking costs more than the
     steps it saves); larger packs pay off when per-step overhead dominates (many tiny domains,
     GPU)."""
+    eval_every: int = 0
+    """Validate every N steps as well as at the end of each epoch (0: once per epoch);
+    ``loop.patience`` then counts these evaluations. A frozen backbone trained to its best
+    validation epoch leaves little to learn on the same rows: an adapter's validation peak can
+    come after a few dozen steps, well inside the first epoch (ML-1M)."""
+    min_delta: float = 0.0
+    """A validation score counts as better only when it beats the best so far by more than
+    this (AUC units): a guard against keeping noise on small validation sets, where a state
+    that merely looks better than the backbone would be negative transfer on new data."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -225,6 +239,10 @@ class AdaptTrainConfig:
             raise ValueError(f"tasks: must be >= 0, got {self.tasks}")
         if self.pack < 1:
             raise ValueError(f"pack: must be >= 1, got {self.pack}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every: must be >= 0, got {self.eval_every}")
+        if self.min_delta < 0:
+            raise ValueError(f"min_delta: must be >= 0, got {self.min_delta}")
 
 
 @dataclass(kw_only=True)
@@ -264,3 +282,69 @@ class AdaptConfig:
 def load_adapt_config(path: str | None, overrides: list[str] | None = None) -> AdaptConfig:
     """Load an :class:`AdaptConfig` from YAML plus ``key=value`` overrides."""
     return load_config(AdaptConfig, path, overrides)
+
+
+# ---- scheduled retrain (mdlora retrain) -------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class GateConfig:
+    """Promotion gate: challenger vs champion per domain on a fixed holdout."""
+
+    holdout: str
+    """Fixed holdout log dataset (Parquet, local or s3://) both sides are scored on."""
+    metric: Literal["auc", "logloss"] = "auc"
+    """Per-domain holdout metric the gate compares (exact, ``trainer.metrics``)."""
+    tolerance: float = 0.002
+    """A challenger is promoted when it is not worse than the champion by more than this:
+    AUC_challenger >= AUC_champion - tolerance (LogLoss: <= champion + tolerance)."""
+
+    def __post_init__(self) -> None:
+        if not self.holdout:
+            raise ValueError("holdout: needs a holdout dataset path, got ''")
+        if self.tolerance < 0:
+            raise ValueError(f"tolerance: must be >= 0, got {self.tolerance}")
+
+
+@dataclass(kw_only=True)
+class RetrainConfig:
+    """A scheduled retrain (``mdlora retrain --window START..END``); one source for every path::
+
+        pretrain: {data: {schema: s3://b/logs/schema.yaml, train: s3://b/logs/train, val: s3://b/logs/val},
+                   loop: {epochs: 1}, dist: {world_size: 2}, output: {root: s3://b/mdlora, model: ctr}}
+        adapt:    {lora: {method: mlora, alpha: 128}, loop: {epochs: 10, patience: 2}, dist: {world_size: 2}}
+        gate:     {holdout: s3://b/logs/holdout, metric: auc, tolerance: 0.002}
+
+    ``pretrain`` trains the challenger backbone on the window, warm-started from the production
+    backbone (whose architecture it takes, so ``pretrain.model`` stays unset). ``adapt`` rebases
+    every domain onto it; its data paths, window and output come from ``pretrain`` (only
+    ``adapt.data.batch_size/domains/prefetch`` may be set there).
+    """
+
+    pretrain: RunConfig = field(default_factory=RunConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    gate: GateConfig
+    lock_ttl: int = 900
+    """S3 registries: seconds the retrain lock lease lasts; the running job renews it every
+    third of that, so a crashed job's lock frees itself after at most this long."""
+
+    def __post_init__(self) -> None:
+        if self.pretrain.model != ModelConfig():
+            raise ValueError("pretrain.model: the architecture is the production backbone's (warm start); "
+                             "leave the section out")
+        if self.pretrain.data.window:
+            raise ValueError(f"pretrain.data.window: set by --window, got {self.pretrain.data.window!r} in the config")
+        data = self.adapt.data
+        for k in ("schema", "train", "val", "test", "window"):
+            if getattr(data, k):
+                raise ValueError(f"adapt.data.{k}: taken from pretrain.data and --window; leave it out")
+        if self.adapt.output != AdaptOutputConfig():
+            raise ValueError("adapt.output: taken from pretrain.output (the backbone is the new version); "
+                             "leave it out")
+        if self.lock_ttl < 30:
+            raise ValueError(f"lock_ttl: must be >= 30 seconds, got {self.lock_ttl}")
+
+
+def load_retrain_config(path: str | None, overrides: list[str] | None = None) -> RetrainConfig:
+    """Load a :class:`RetrainConfig` from YAML plus ``key=value`` overrides."""
+    return load_config(RetrainConfig, path, overrides)

@@ -58,7 +58,8 @@ class Setup:
         return TrainState.from_dict(json.loads((directory / STATE_FILE).read_text()))
 
 
-def setup_pretrain(cfg: RunConfig, env: DistEnv, schema: Schema, total_steps: int) -> Setup:
+def setup_pretrain(cfg: RunConfig, env: DistEnv, schema: Schema, total_steps: int,
+                   init: str | Path | None = None) -> Setup:
     """Build the backbone on meta, shard its tables over the process group, wire optimisers.
 
     Args:
@@ -66,6 +67,9 @@ def setup_pretrain(cfg: RunConfig, env: DistEnv, schema: Schema, total_steps: in
         env: this rank's place in the job.
         schema: the log schema (tables, features).
         total_steps: planned optimiser steps (for the cosine schedule).
+        init: warm start: a published backbone / checkpoint dir (same architecture, any world
+            size or plan) whose weights and fused sparse-optimiser state are loaded into the
+            sharded model; the dense optimiser starts fresh. None: random initialisation.
 
     Returns:
         The :class:`Setup` for :func:`trainer.loop.train`.
@@ -83,6 +87,8 @@ def setup_pretrain(cfg: RunConfig, env: DistEnv, schema: Schema, total_steps: in
     )
     model = sharding.shard_model(task, plan=plan, device=env.device,
                                  sparse_optimizer=o.sparse_optimizer, sparse_lr=o.sparse_lr)
+    if init:
+        ckpt.read_shards(Path(init), model)
     params = list(sharding.dense_params(model))
     optimizer = torch.optim.Adam(params, lr=o.dense_lr, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

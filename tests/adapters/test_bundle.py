@@ -172,3 +172,14 @@ def test_crash_during_write_leaves_no_visible_bundle(tmp_path, monkeypatch):
     write_bundle(dest, make_tensors(), make_manifest())  # the name is still free
     with pytest.raises(FileExistsError, match="immutable"):
         write_bundle(dest, make_tensors(), make_manifest())
+
+
+def test_format_1_multilora_bundle_is_refused_but_format_1_mlora_still_loads(tmp_path):
+    old = tmp_path / "books" / "v0001"
+    write_bundle(old, make_tensors(), make_manifest(format_version=1))
+    assert load(old)[1].format_version == 1
+    multi = tmp_path / "movies" / "v0001"
+    write_bundle(multi, make_tensors(), make_manifest(domain="movies", method="multilora"))
+    rewrite_manifest(multi, format_version=1)
+    with pytest.raises(BundleError, match="format_version 1 MultiLoRA bundle predates"):
+        load(multi)

@@ -57,20 +57,29 @@ X = torch.randn(8, D_IN, generator=torch.Generator().manual_seed(7))
 SLOTS = [0, 1, 2, -1, 1, 0, 2, 1]
 
 
-@pytest.mark.parametrize("kind", KINDS[:-1])
-def test_zero_update_at_init_equals_base_exactly(kind):
-    layer = make(kind)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_zero_update_at_init_equals_base_exactly(kind, mode):
+    """Residual BN (γ = β = 0) and zero U/b: the adapted layer starts exactly at the base."""
+    layer = make(kind).train(mode == "train")
     assert torch.equal(run(layer, X, SLOTS), layer.base(X))
     assert torch.equal(run(layer, X, [1] * 8), layer.base(X))
 
 
-def test_multilora_bn_at_init_is_the_only_change():
-    layer = make("multi_attention_bn").eval()
+def test_multilora_fusion_starts_neutral():
+    """Q = 0: the domain and aux updates get weight 1/2 each, whatever they are."""
+    layer = make("multi_attention")
+    randomise(layer)
     with torch.no_grad():
-        out = run(layer, X, SLOTS)
-    base = layer.base(X)
-    expect = torch.where(torch.tensor(SLOTS)[:, None] >= 0, base / math.sqrt(1 + 1e-5), base)
-    torch.testing.assert_close(out, expect, atol=1e-7, rtol=1e-6)
+        for q in layer.fusion_q.values():
+            q.weight.zero_()
+    fresh = make("multi_attention")
+    assert all(torch.equal(q.weight, torch.zeros_like(q.weight)) for q in fresh.fusion_q.values())
+    avg = make("multi_avg")
+    avg.load_state_dict(
+        {k: v for k, v in layer.state_dict().items() if not k.startswith("fusion_")}
+    )
+    torch.testing.assert_close(run(layer, X, SLOTS), run(avg, X, SLOTS), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -241,20 +250,31 @@ def test_eval_cache_reuses_stack_and_sees_updates():
 def test_routed_batch_norm_train_matches_batchnorm_per_group():
     """Train-mode BN normalises each combined domain with its own batch statistics."""
     layer = make("multi_add_bn").train()  # U = 0: the BN input is the base output h
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # γ, β away from their zero init (residual BN: y = h + BN(h))
+        for p in layer.bn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
     x = torch.randn(12, D_IN)
     slots, aux = [0, 0, 0, 1, 1, 1, 1, 0, 2, -1, 0, 1], [0, 0, 1, 1, 1, 0, 0, 1, 0, 0, 0, 1]
     out = run(layer, x, slots, aux)
     h = layer.base(x).detach()
-    for (d, a), ref in {(0, 0): nn.BatchNorm1d(D_OUT), (1, 1): nn.BatchNorm1d(D_OUT)}.items():
+    for d, a in [(0, 0), (1, 1)]:
+        own = layer.bn[DOMAINS[d]][AUX[a]]
+        ref = nn.BatchNorm1d(D_OUT)
+        ref.load_state_dict(own.state_dict())
+        ref.running_mean.zero_(), ref.running_var.fill_(1), ref.num_batches_tracked.zero_()
         rows = [i for i in range(12) if slots[i] == d and aux[i] == a]
-        torch.testing.assert_close(out[rows], ref(h[rows]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[rows], h[rows] + ref(h[rows]), atol=1e-5, rtol=1e-5)
         bn = layer.bn[DOMAINS[d]][AUX[a]]
         torch.testing.assert_close(bn.running_mean, ref.running_mean)
         torch.testing.assert_close(bn.running_var, ref.running_var)
         assert int(bn.num_batches_tracked) == 1
     lone = layer.bn["v1%2E2"]["F"]  # the one row of (v1.2, F): running statistics, not updated
     assert torch.equal(lone.running_mean, torch.zeros(D_OUT)) and int(lone.num_batches_tracked) == 0
-    torch.testing.assert_close(out[8], h[8] / math.sqrt(1 + 1e-5))
+    lone_bn = layer.bn["v1%2E2"]["F"]
+    torch.testing.assert_close(
+        out[8], h[8] + h[8] / math.sqrt(1 + 1e-5) * lone_bn.weight + lone_bn.bias
+    )
     assert torch.equal(out[9], h[9])  # slot -1
     out.sum().backward()
     assert layer.bn["books"]["F"].weight.grad is not None

@@ -257,3 +257,26 @@ def test_cli_list_show_verify_promote_rollback(tmp_path, capsys):
     (tmp_path / "reg" / "backbones" / "ctr" / "v0002" / "sub" / "w.bin").write_bytes(b"tampered")
     assert main(["bundles", "verify", "ctr", *cli]) == 2
     assert "v0002/sub/w.bin: sha256 mismatch" in capsys.readouterr().out
+
+
+def test_local_fetch_checks_every_file_before_handing_out_the_path(tmp_path):
+    reg = local_registry(tmp_path / "reg")
+    reg.publish("adapters", "books", make_artifact(tmp_path / "src"))
+    path = Path(reg.fetch("adapters", "books", "latest", tmp_path / "cache"))
+    (path / "sub" / "w.bin").write_bytes(b"tampered")
+    with pytest.raises(RegistryError, match=r"adapters/books v0001 is corrupt: .*w.bin: sha256 mismatch"):
+        reg.fetch("adapters", "books", "latest", tmp_path / "cache")
+
+
+def test_verify_reports_an_adapter_bundle_too_new_to_read(tmp_path):
+    from adapters.bundle import write_bundle
+    from tests.adapters.test_bundle import make_manifest, make_tensors, rewrite_manifest
+
+    reg = local_registry(tmp_path / "reg")
+    write_bundle(tmp_path / "src", make_tensors(), make_manifest())
+    reg.publish("adapters", "books", tmp_path / "src")
+    assert reg.verify("adapters", "books", "v0001") == []
+    rewrite_manifest(Path(reg.resolve("adapters", "books", "v0001")), format_version=99)
+    assert main(["bundles", "verify", "books", "--root", str(tmp_path / "reg")]) == 2
+    (problem,) = reg.verify("adapters", "books", "v0001")
+    assert "format_version 99 is newer" in problem

@@ -1,4 +1,4 @@
-"""A real Ray head with token auth on 127.0.0.1; pretrain -> adapt -> add-domain through the Jobs API.
+"""A real Ray head with token auth on 127.0.0.1; pretrain -> adapt -> add-domain -> score as Ray jobs.
 
 Every client call is a separate ``mdlora submit`` process, as a user runs it: the token is
 read by Ray from ``$HOME/.ray/auth_token`` (a temp HOME, so the user's ``~/.ray`` is untouched),
@@ -7,7 +7,9 @@ and a client without it is refused.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -44,8 +47,9 @@ def head():
     env = {**_clean_env(home), "VENV": sys.prefix, "NUM_CPUS": "2", "RAY_PORT": str(free_port()),
            "DASHBOARD_PORT": str(dashboard), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     with open(log, "w") as out:
+        # the agent's HTTP port (default 52365) is fixed: another Ray on this machine would take it
         proc = subprocess.Popen([str(ROOT / "infra/scripts/ray-head-start.sh"), "--temp-dir", str(base / "r"),
-                                 "--block"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 "--dashboard-agent-listen-port", str(free_port()), "--block"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -83,7 +87,27 @@ def test_credentials_are_masked():
                            "MDLORA_S3_ENDPOINT": "u"}
 
 
-def test_pretrain_adapt_add_domain_as_submitted_jobs(head):
+def _job_runtime_env(head: dict, env: dict[str, str], job_id: str) -> dict:
+    """The runtime_env the cluster recorded for ``job_id`` (Jobs SDK, with the token)."""
+    code = ("import json, sys; from ray.job_submission import JobSubmissionClient; "
+            "print(json.dumps(JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2]).runtime_env))")
+    out = subprocess.run([sys.executable, "-c", code, head["url"], job_id], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mixed_test_split(logs: Path, out: Path) -> int:
+    """The test split of the schema's domains plus the added domain's, in one hive-partitioned dir."""
+    shutil.copytree(logs / "test", out)
+    for f in sorted((logs / "heldout" / "d03" / "test").rglob("*.parquet")):
+        dest = out / f.parent.name / f"d03-{f.name}"
+        dest.parent.mkdir(exist_ok=True)
+        shutil.copy(f, dest)
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in out.rglob("*.parquet"))
+
+
+def test_pretrain_adapt_add_domain_score_as_submitted_jobs(head):
     base = head["base"]
     logs, reg = base / "logs", base / "reg"
     generate(str(logs), rows=8_000, domains=4, seed=3, holdout_domains=1, users=300, items=300, days=2)
@@ -116,6 +140,21 @@ def test_pretrain_adapt_add_domain_as_submitted_jobs(head):
                          "--data", str(logs / "heldout" / "d03")], env)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert (reg / "adapters" / "d03" / "v0001" / "manifest.json").is_file()
+
+    # score through the Jobs API, with a runtime_env file as `ray job submit --runtime-env` takes
+    rows = _mixed_test_split(logs, base / "mixed")
+    runtime_env = base / "runtime_env.yaml"
+    runtime_env.write_text(yaml.safe_dump({"env_vars": {"MDLORA_TEST_FLAG": "from-file"}, "excludes": ["tests/"]}))
+    preds = base / "preds.parquet"
+    job = _submit(head, ["--wait", "--runtime-env", str(runtime_env), "--", "score", "--config", str(adapt),
+                         "--data", str(base / "mixed"), "--out", str(preds)], env)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert f"scored {rows} rows" in job.stdout and "fallback rows (no adapter for their domain): 0" in job.stdout
+    table = pq.read_table(preds)
+    assert table.num_rows == rows and set(table.column("adapter_version").to_pylist()) == {"v0001"}
+    assert set(table.column("domain").to_pylist()) == {"d00", "d01", "d02", "d03"}
+    recorded = _job_runtime_env(head, env, re.search(r"submitted job (\S+) to", job.stdout).group(1))
+    assert recorded["env_vars"]["MDLORA_TEST_FLAG"] == "from-file" and "tests/" in recorded["excludes"]
 
     failed = _submit(head, ["--wait", "--", "pretrain", "--config", str(base / "missing.yaml")], env)
     assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout[-3000:]

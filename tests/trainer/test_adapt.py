@@ -16,12 +16,14 @@ from trainer.adapt import (
     Features,
     Head,
     materialise,
+    predict,
     train_mlora,
     train_mlora_domain,
     train_multilora,
 )
 from trainer.backbone import build_backbone
 from trainer.config import AdaptTrainConfig, LoopConfig, ModelConfig
+from trainer.metrics import DomainMetrics
 
 E, VOCAB = 8, ["a", "b", "c"]
 
@@ -58,6 +60,12 @@ def _splits(head: Head, shift: dict, val_shift: dict | None = None, n: int = 600
 
 
 CFG = AdaptTrainConfig(lr=2e-2, batch_size=256)
+
+
+def _auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    m = DomainMetrics(["d"])
+    m.update(probs, labels, torch.zeros_like(labels, dtype=torch.long))
+    return m.compute(gather=False)["domains"]["d"]["auc"]
 LORA = LoraConfig(alpha=4)
 
 
@@ -160,3 +168,76 @@ def test_multilora_joint_training_with_shared_aux_lora():
     (c,), kept = train_multilora(head, lora, VOCAB, ["c"], ["F", "M"], 0, splits, CFG,
                                  LoopConfig(epochs=1), shared=shared)
     assert all(torch.equal(kept[k], shared[k]) for k in shared) and c.metrics["test"]["samples"] > 0
+
+
+@pytest.mark.parametrize("method", ["mlora", "multilora"])
+def test_adapted_head_starts_exactly_at_the_backbone(method):
+    """Zero update, neutral fusion and residual BN: train- and eval-mode logits equal the head's."""
+    head, f = _head(), _features(_head(), 512, 4, {})
+    lora = LORA if method == "mlora" else LoraConfig(method="multilora", alpha=4, aux="g")
+    model = Head.of(head)
+    adapted = inject(model, lora, VOCAB, ["F", "M"] if method == "multilora" else None)
+    for mode in (True, False):
+        model.train(mode)
+        with torch.no_grad(), adapted.routing(f.domains, f.aux[:, 0] if method == "multilora" else None):
+            assert torch.equal(model(f.x), head(f.x))
+
+
+def test_eval_every_validates_inside_epochs_and_keeps_the_best():
+    head = _head()
+    splits = {s: f.of_domain(1) for s, f in _splits(head, {1: 1.5}).items()}  # ~1500 train rows
+    per_epoch = -(-len(splits["train"]) // 128)
+    assert per_epoch % 6  # epochs end between two validations
+    cfg = AdaptTrainConfig(lr=2e-2, batch_size=128, eval_every=6)
+    r = train_mlora_domain(head, LORA, "b", splits, cfg, LoopConfig(epochs=2))
+    at = sorted({*range(6, 2 * per_epoch + 1, 6), per_epoch, 2 * per_epoch})  # steps validated at
+    assert len(r.history) == len(at) and r.best_step == at[int(np.argmax(r.history))]
+    assert r.best_epoch == 1 + (r.best_step > per_epoch)
+    assert r.metrics["validation"]["auc_adapter"] == pytest.approx(max(r.history), abs=1e-9)
+
+
+def test_multilora_kept_states_were_validated_with_the_returned_shared_state():
+    head = _head()
+    lora = LoraConfig(method="multilora", alpha=4, aux="g")
+    splits = _splits(head, {0: 1.0, 1: -1.5})
+    results, shared = train_multilora(head, lora, VOCAB, VOCAB, ["F", "M"], 0, splits,
+                                      AdaptTrainConfig(lr=2e-2, batch_size=256, eval_every=8),
+                                      LoopConfig(epochs=3, patience=2))
+    model = Head.of(head)
+    adapted = inject(model, lora, VOCAB, ["F", "M"])
+    adapted.load_shared_state(shared)
+    for r in results:
+        adapted.load_state_for(r.domain, r.state)
+        v = r.metrics["validation"]
+        assert v["auc_adapter"] >= max([h for h in r.history if h is not None], default=-1) - 1e-9
+    val = splits["validation"]
+    probs = predict(model, adapted, val, val.domains, 0)
+    for k, r in enumerate(results):  # the assembled bundle reproduces each domain's kept score
+        m = val.domains == k
+        assert _auc(probs[m], val.labels[m]) == pytest.approx(r.metrics["validation"]["auc_adapter"], abs=1e-9)
+    assert results[1].metrics["test"]["auc_adapter"] > results[1].metrics["test"]["auc_backbone"] + 0.03
+
+
+def test_multilora_falls_back_to_the_backbone_when_nothing_beats_it_on_validation():
+    head = _head()
+    lora = LoraConfig(method="multilora", alpha=4, aux="g")
+    splits = _splits(head, {1: 1.5}, {1: -1.5})  # validation follows the opposite shift
+    splits = {s: f.of_domain(1) for s, f in splits.items()}
+    (r,), shared = train_multilora(head, lora, VOCAB, ["b"], ["F", "M"], 0, splits, CFG,
+                                   LoopConfig(epochs=3, patience=1))
+    assert all(torch.equal(t, torch.zeros_like(t)) for k, t in shared.items() if k.endswith((".U.F", ".U.M")))
+    v = r.metrics["validation"]
+    assert r.best_epoch == 0 and v["auc_adapter"] == pytest.approx(v["auc_backbone"], abs=1e-12)
+
+
+def test_min_delta_keeps_the_backbone_unless_validation_gains_more():
+    head = _head()
+    splits = {s: f.of_domain(1) for s, f in _splits(head, {1: 1.5}).items()}
+    gains = train_mlora_domain(head, LORA, "b", splits, CFG, LoopConfig(epochs=2))
+    v = gains.metrics["validation"]
+    assert gains.best_epoch >= 1 and v["auc_adapter"] > v["auc_backbone"]
+    margin = v["auc_adapter"] - v["auc_backbone"] + 1e-3  # more than the best gain seen
+    kept = train_mlora_domain(head, LORA, "b", splits, AdaptTrainConfig(lr=2e-2, batch_size=256, min_delta=margin),
+                              LoopConfig(epochs=2))
+    assert kept.best_epoch == 0 and len(kept.history) == 2
+    assert kept.metrics["validation"]["auc_adapter"] == pytest.approx(v["auc_backbone"], abs=1e-12)

@@ -82,7 +82,7 @@ def test_resume_after_crash_matches_undisturbed_run():
     opt3.load_state_dict(opt_state)
     resumed, _, _ = run(cfg, model3, opt3, state=saved)
     assert resumed.step == 15
-    for a, b in zip(model.parameters(), model3.parameters()):
+    for a, b in zip(model.parameters(), model3.parameters(), strict=True):
         assert torch.equal(a, b)  # steps lost = steps since the checkpoint; result identical
 
 
