@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import subprocess
 import threading
 import time
@@ -179,18 +180,19 @@ def cmdline(pid: int) -> str:
 # ---- dense compute bound --------------------------------------------------------------------
 
 
-def mlp_shapes(ref: Reference) -> list[tuple[int, int]]:
-    """(in, out) of every Linear of the reference MLP, logit layer included."""
-    widths = [ref.features * ref.dim, *ref.hidden, 1]
-    return list(itertools.pairwise(widths))
+def mlp_shapes(in_features: int, hidden: list[int]) -> list[tuple[int, int]]:
+    """(in, out) of every Linear of an MLP ``in_features -> hidden... -> 1``."""
+    return list(itertools.pairwise([in_features, *hidden, 1]))
 
 
-def flops_per_sample(ref: Reference) -> float:
+def flops_per_sample(in_features: int, hidden: list[int]) -> float:
     """Dense training FLOPs per sample: 3 x forward MACs x 2 (forward + two backward GEMMs)."""
-    return 3 * 2 * sum(i * o for i, o in mlp_shapes(ref))
+    return 3 * 2 * sum(i * o for i, o in mlp_shapes(in_features, hidden))
 
 
-def gemm_flops(ref: Reference, threads: int, seconds: float = 1.0) -> float:
+def gemm_flops(
+    in_features: int, hidden: list[int], batch: int, threads: int, seconds: float = 1.0
+) -> float:
     """Measured FLOP/s of one training step's GEMMs at batch B on ``threads`` threads.
 
     Per Linear (in -> out): forward ``x[B,in] @ W^T``, input grad ``g[B,out] @ W``, weight
@@ -202,13 +204,11 @@ def gemm_flops(ref: Reference, threads: int, seconds: float = 1.0) -> float:
     torch.set_num_threads(threads)
     try:
         g = torch.Generator().manual_seed(0)
-        ops = []
-        for i, o in mlp_shapes(ref):
-            x, w, gy = (
-                torch.randn(*s, generator=g) for s in ((ref.batch, i), (o, i), (ref.batch, o))
-            )
+        ops, shapes = [], mlp_shapes(in_features, hidden)
+        for i, o in shapes:
+            x, w, gy = (torch.randn(*s, generator=g) for s in ((batch, i), (o, i), (batch, o)))
             ops += [(x, w.t()), (gy, w), (gy.t(), x)]
-        flops = 3 * 2 * ref.batch * sum(i * o for i, o in mlp_shapes(ref))
+        flops = 3 * 2 * batch * sum(i * o for i, o in shapes)
 
         def step() -> None:
             for a, b in ops:
@@ -225,7 +225,7 @@ def gemm_flops(ref: Reference, threads: int, seconds: float = 1.0) -> float:
         torch.set_num_threads(old)
 
 
-def compute_bound(ref: Reference, seconds: float = 1.0) -> dict:
+def compute_bound(in_features: int, hidden: list[int], batch: int, seconds: float = 1.0) -> dict:
     """GEMM FLOP/s (1 thread, all threads) and the samples/s ceiling they give.
 
     The ceiling (``samples_per_s``) is ``cores x`` the 1-thread rate: linear scaling, the most
@@ -233,9 +233,11 @@ def compute_bound(ref: Reference, seconds: float = 1.0) -> dict:
     recorded beside it (on a loaded machine OpenMP threads contend and it can fall far below).
     """
     cores = os.cpu_count() or 1
-    fps = flops_per_sample(ref)
-    f1, fall = gemm_flops(ref, 1, seconds), gemm_flops(ref, cores, seconds)
+    fps = flops_per_sample(in_features, hidden)
+    f1 = gemm_flops(in_features, hidden, batch, 1, seconds)
+    fall = gemm_flops(in_features, hidden, batch, cores, seconds)
     return {
+        "in_features": in_features,
         "flops_per_sample": fps,
         "gemm_flops_1_thread": f1,
         "gemm_flops_all_threads": fall,
@@ -248,7 +250,14 @@ def compute_bound(ref: Reference, seconds: float = 1.0) -> dict:
 # ---- processes ----
 
 
-def launch(cmd: list[str], cwd: Path, timeout: float, watch: str = "", nice: int = 0) -> dict:
+def launch(
+    cmd: list[str],
+    cwd: Path,
+    timeout: float,
+    watch: str = "",
+    nice: int = 0,
+    profiles: list[tuple[str, float, Path]] = (),
+) -> dict:
     """Run ``cmd`` in ``cwd``; timestamp every output line; poll descendants' resources.
 
     Args:
@@ -256,14 +265,21 @@ def launch(cmd: list[str], cwd: Path, timeout: float, watch: str = "", nice: int
         cwd: working directory (also put on PYTHONPATH).
         timeout: seconds before it is killed.
         watch: substring of the command lines of the trainer processes among the descendants
-            (Ray Train workers); their peak RSS (VmHWM) and niceness are tracked.
+            (Ray Train workers); their peak RSS (VmHWM), niceness and lifetime are tracked.
         nice: niceness increment of the launched process (inherited by its children).
+        profiles: ``(regex, seconds, out)``: when an output line first matches ``regex``, py-spy
+            samples the process named by its ``pid=N`` (Ray's log prefix; else the newest
+            watched process) for ``seconds`` into ``out`` (raw format, see
+            :mod:`benchmarks.profiling`).
 
     Returns:
         ``{"rc", "t_launch", "wall", "lines": [(unix time, text)], "rss": {pid: MiB},
-        "nice": {pid: nice}, "cpu_s": {"watched": s, "other": s}, "load": [1-min load at start,
-        at end]}`` (CPU of the descendants seen by the poller).
+        "nice": {pid: nice}, "seen": {pid: [first, last] unix time}, "cpu": [(unix time,
+        watched CPU-s, other CPU-s)], "cpu_s": {"watched": s, "other": s}, "load": [1-min load
+        at start, at end]}`` (CPU of the descendants seen by the poller).
     """
+    from benchmarks.profiling import start_pyspy
+
     env = dict(os.environ, RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1", PYTHONPATH=str(cwd))
     env.pop("RAY_ADDRESS", None)
     load0, t0 = os.getloadavg()[0], time.time()
@@ -279,30 +295,46 @@ def launch(cmd: list[str], cwd: Path, timeout: float, watch: str = "", nice: int
     lines: list[tuple[float, str]] = []
     rss: dict[int, float] = {}
     nices: dict[int, int | None] = {}
+    seen: dict[int, list[float]] = {}
     cpu: dict[int, tuple[bool, float]] = {}
+    timeline: list[tuple[float, float, float]] = []
+    pending, spies = list(profiles), []
     reader = threading.Thread(
         target=lambda: lines.extend((time.time(), ln) for ln in proc.stdout), daemon=True
     )
     reader.start()
     while proc.poll() is None and time.time() - t0 < timeout:
+        now = time.time()
         for pid in [proc.pid, *descendants(proc.pid)] if watch else []:
             hit = watch in cmdline(pid)
-            cpu[pid] = (
-                hit or cpu.get(pid, (False, 0))[0],
-                max(cpu.get(pid, (False, 0.0))[1], cpu_seconds(pid)),
-            )
+            was = cpu.get(pid, (False, 0.0))
+            cpu[pid] = (hit or was[0], max(was[1], cpu_seconds(pid)))
             if hit:
                 rss[pid] = max(rss.get(pid, 0.0), peak_rss_mb(pid))
                 nices[pid] = niceness(pid)
+                seen.setdefault(pid, [now, now])[1] = now
+        if watch:
+            timeline.append(
+                (
+                    now,
+                    sum(c for h, c in cpu.values() if h),
+                    sum(c for h, c in cpu.values() if not h),
+                )
+            )
+        for prof in list(pending):
+            hit = next((t for _, t in list(lines) if re.search(prof[0], t)), None)
+            if hit is not None:
+                m = re.search(r"pid=(\d+)", hit)
+                pid = int(m[1]) if m else max(seen, key=lambda p: seen[p][0], default=proc.pid)
+                spies.append(start_pyspy(pid, prof[1], prof[2]))
+                pending.remove(prof)
         time.sleep(0.2)
     if proc.poll() is None:
         proc.kill()
     proc.wait()
     reader.join(5)
-    split = {
-        "watched": sum(c for h, c in cpu.values() if h),
-        "other": sum(c for h, c in cpu.values() if not h),
-    }
+    for spy in spies:
+        spy.wait()
     return {
         "rc": proc.returncode,
         "t_launch": t0,
@@ -310,7 +342,12 @@ def launch(cmd: list[str], cwd: Path, timeout: float, watch: str = "", nice: int
         "lines": lines,
         "rss": rss,
         "nice": nices,
-        "cpu_s": split,
+        "seen": seen,
+        "cpu": timeline,
+        "cpu_s": {
+            "watched": timeline[-1][1] if timeline else 0.0,
+            "other": timeline[-1][2] if timeline else 0.0,
+        },
         "load": [load0, os.getloadavg()[0]],
     }
 

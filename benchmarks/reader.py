@@ -16,12 +16,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +31,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from benchmarks.profiling import bottleneck, profile_self
 from embeddings.batch import BatchConverter
 from embeddings.schema import Schema
 from infra.logs import LogDataset
@@ -104,7 +107,9 @@ def rate(rows: int, fn, repeat: int = 3) -> tuple[float, float]:
     return best_wall, best_cpu
 
 
-def run(rows: int, batch_size: int, s3: bool) -> dict:
+def run(rows: int, batch_size: int, s3: bool, profile_dir: Path | None = None) -> dict:
+    """Every figure (see the module doc); with ``profile_dir`` the end-to-end reads are sampled
+    by py-spy and ``bottleneck`` names where each one's time went."""
     torch.set_num_threads(1)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
@@ -149,12 +154,25 @@ def run(rows: int, batch_size: int, s3: bool) -> dict:
         steps = data.num_batches(batch_size)
         for shuffle in (False, True):
             key = f"local_e2e{'_shuffled' if shuffle else ''}_rows_per_s"
-            out[key], out[key.replace("rows_per_s", "rows_per_cpu_s")] = rate(
-                steps * batch_size, partial(drain, data, batch_size, conv, shuffle)
-            )
+            with _profiled(profile_dir, f"local{'_shuffled' if shuffle else ''}", out):
+                out[key], out[key.replace("rows_per_s", "rows_per_cpu_s")] = rate(
+                    steps * batch_size, partial(drain, data, batch_size, conv, shuffle)
+                )
         if s3:
-            out.update(s3_run(tmp, schema, conv, batch_size, steps))
+            with _profiled(profile_dir, "s3_shuffled", out):
+                out.update(s3_run(tmp, schema, conv, batch_size, steps))
     return out
+
+
+@contextlib.contextmanager
+def _profiled(profile_dir: Path | None, name: str, out: dict):
+    """py-spy the block into ``profile_dir/reader_<name>.raw``; ``out["bottleneck"][name]``."""
+    if profile_dir is None:
+        yield
+        return
+    with profile_self(profile_dir / f"reader_{name}.raw") as prof:
+        yield
+    out.setdefault("bottleneck", {})[name] = bottleneck(prof["summary"])
 
 
 def s3_run(local: str, schema: Schema, conv: BatchConverter, batch_size: int, steps: int) -> dict:
