@@ -172,7 +172,8 @@ def run_all(args) -> dict:
                       "max_epochs": args.epochs, "adapter_max_epochs": args.adapter_epochs},
             "hyper": {m: asdict(hp[m]) if m in hp else
                       {"lr": [results[s][0][m]["lr"] for s in done], "batch": hp["mix"].batch,
-                       "epochs": args.adapter_epochs, "patience": args.patience} for m in args.methods},
+                       "epochs": args.adapter_epochs, "patience": args.adapter_patience,
+                       "eval_every": args.adapter_eval_every} for m in args.methods},
             "selection": {"rule": RULE.format(select_epochs=args.select_epochs or "full"),
                           "trials": trials + [t for s in done for t in results[s][0]["adapter_selection"]]},
             "params": results[done[0]][1],

@@ -194,6 +194,8 @@ def markdown(res: dict) -> str:
         "",
         "Ratios are taken within this run; absolute rates depend on the machine's load.",
         "",
+        *[f"Section {name} rerun alone ({r['time_utc']}, load {r['loadavg'][0]:.1f} at start, "
+          f"{r.get('loadavg_end', [0])[0]:.1f} at end).\n" for name, r in res.get("reruns", {}).items()],
         "| section | figure | target | measured | met | bottleneck (where missed) |",
         "|---|---|---|---|---|---|",
     ]

@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -132,10 +133,15 @@ def adaptation_section(work: Path, quick: bool, rows: int) -> dict:
     return r
 
 
-def run(*, quick: bool, out: Path, work: Path | None = None) -> dict:
-    """Every section; writes ``out/suite.json``, ``suite.md`` and ``suite.png``; returns results.
+SECTIONS = ("peers", "scaling", "adaptation", "reader", "scoring")
+
+
+def run(*, quick: bool, out: Path, work: Path | None = None, sections: list[str] | None = None) -> dict:
+    """Every section (or only ``sections``, replacing those in an existing ``out/suite.json``);
+    writes ``out/suite.json``, ``suite.md`` and ``suite.png``; returns results.
 
     After each section the results so far are in ``out/suite.partial.json`` (removed at the end).
+    A section rerun on its own records when and at what load in ``res["reruns"]``.
     """
     import torch
 
@@ -146,6 +152,13 @@ def run(*, quick: bool, out: Path, work: Path | None = None) -> dict:
         "params": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
         "seconds": {},
     }
+    stamp = res["machine"]
+    if sections and (out / "suite.json").exists():
+        old, rerun = json.loads((out / "suite.json").read_text()), res["machine"]
+        if old.get("quick") != quick:
+            raise ValueError(f"{out / 'suite.json'}: quick={old.get('quick')}, cannot merge a quick={quick} rerun")
+        res = {**old, "reruns": {**old.get("reruns", {}), **{s: rerun for s in sections}}}
+        stamp = rerun
     threads = torch.get_num_threads()
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "suite.partial.json"
@@ -159,6 +172,8 @@ def run(*, quick: bool, out: Path, work: Path | None = None) -> dict:
             ("scoring", lambda: scoring.run(work / "scoring", quick)),
         ]
         for name, fn in steps:
+            if sections and name not in sections:
+                continue
             t0 = time.perf_counter()
             (work / name).mkdir(parents=True, exist_ok=True)
             got = fn()
@@ -170,7 +185,7 @@ def run(*, quick: bool, out: Path, work: Path | None = None) -> dict:
             res["seconds"][name] = time.perf_counter() - t0
             print(f"[suite] {name}: {res['seconds'][name]:.0f} s", file=sys.stderr, flush=True)
             write_json(partial, res)  # a long run that is stopped keeps its finished sections
-    res["machine"]["loadavg_end"] = list(os.getloadavg())
+    stamp["loadavg_end"] = list(os.getloadavg())
     res["targets"] = targets(res)
     res["plot"] = plot(res, out / "suite.png")
     write_results(out / "suite.json", res, markdown(res))
@@ -188,11 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="output dir (default benchmarks/results/<date>, quick: <date>/quick)",
     )
+    ap.add_argument("--sections", type=lambda v: v.split(","), default=None,
+                    help=f"only these sections ({','.join(SECTIONS)}), merged into an existing suite.json")
     a = ap.parse_args(argv)
+    if a.sections and (bad := sorted(set(a.sections) - set(SECTIONS))):
+        ap.error(f"--sections: unknown {bad} (known: {', '.join(SECTIONS)})")
     out = a.out or Path("benchmarks/results") / time.strftime("%Y-%m-%d") / (
         "quick" if a.quick else ""
     )
-    res = run(quick=a.quick, out=out)
+    res = run(quick=a.quick, out=out, sections=a.sections)
     print(markdown(res), end="")
     print(f"wrote {out / 'suite.json'}, suite.md, suite.png")
     return 0

@@ -19,7 +19,7 @@ def result(tmp_path_factory):
     generate(str(logs), rows=8000, domains=3, seed=0, users=300, items=300, days=1)
     argv = ["--dataset", "synthetic", "--path", str(logs), "--seeds", "1", "--methods", "mix,mlora",
             "--lrs", "0.01", "--batches", "256", "--adapter-lrs", "0.01", "--epochs", "3",
-            "--adapter-epochs", "3", "--patience", "1", "--hidden", "16,8", "--ranks", "2,2",
+            "--adapter-epochs", "3", "--patience", "1", "--adapter-patience", "2", "--adapter-eval-every", "5", "--hidden", "16,8", "--ranks", "2,2",
             "--out", str(root / "out"), "--predictions"]
     return quality.main(argv), root / "out", argv
 
@@ -64,8 +64,8 @@ def test_structure_params_and_hyper(result):
     assert domains == ["d00", "d01", "d02"]
     for m in ("mix", "mlora"):
         assert set(res["summary"][m]["domains"]) == set(domains)
-    assert res["hyper"]["mix"] == {"lr": 0.01, "batch": 256, "epochs": 3, "patience": 1}
-    assert res["hyper"]["mlora"] == {"lr": [0.01], "batch": 256, "epochs": 3, "patience": 1}
+    assert res["hyper"]["mix"] == {"lr": 0.01, "batch": 256, "epochs": 3, "patience": 1, "eval_every": 0}
+    assert res["hyper"]["mlora"] == {"lr": [0.01], "batch": 256, "epochs": 3, "patience": 2, "eval_every": 5}
     # MLoRA trains small adapters only; serving needs the frozen Mix model plus them
     e = res["params"]["mix"]["total"]
     assert res["params"]["mix"]["trainable"] == e
