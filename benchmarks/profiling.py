@@ -71,29 +71,21 @@ def pyspy() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
+def _record(exe: str, pid: int, out: Path, seconds: float | None = None) -> subprocess.Popen:
+    """``py-spy record`` of ``pid`` into ``out`` (raw, all threads, idle frames too); without
+    ``seconds`` it samples until SIGINT."""
+    duration = [] if seconds is None else ["--duration", str(max(1, int(seconds)))]
+    cmd = [exe, "record", "--pid", str(pid), *duration, "--rate", str(RATE), "--format", "raw",
+           "--threads", "--idle", "--nonblocking", "--output", str(out)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def start_pyspy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
     """Start sampling ``pid`` for ``seconds`` into ``out`` (raw); ``.wait()`` on the result."""
     exe = pyspy()
     if exe is None:
         return subprocess.Popen(["true"])
-    cmd = [
-        exe,
-        "record",
-        "--pid",
-        str(pid),
-        "--duration",
-        str(max(1, int(seconds))),
-        "--rate",
-        str(RATE),
-        "--format",
-        "raw",
-        "--threads",
-        "--idle",
-        "--nonblocking",
-        "--output",
-        str(out),
-    ]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _record(exe, pid, out, seconds)
 
 
 @contextlib.contextmanager
@@ -101,27 +93,7 @@ def profile_self(out: Path) -> Iterator[dict]:
     """Sample this process with py-spy while the block runs; ``summary`` is filled after."""
     result: dict = {}
     exe = pyspy()
-    spy = None
-    if exe is not None:
-        spy = subprocess.Popen(
-            [
-                exe,
-                "record",
-                "--pid",
-                str(os.getpid()),
-                "--rate",
-                str(RATE),
-                "--format",
-                "raw",
-                "--threads",
-                "--idle",
-                "--nonblocking",
-                "--output",
-                str(out),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+    spy = None if exe is None else _record(exe, os.getpid(), out)
     try:
         yield result
     finally:
