@@ -99,36 +99,15 @@ def targets(res: dict) -> list[dict]:
                     "the step A/B ratio (same process, alternating blocks) stands"
                 )
     sc = res["scaling"]
-    out.append(
-        _t(
-            "scaling",
-            "rows 1e5 -> 1e7: cost per row last / first",
-            sc["rows"]["target"],
-            sc["rows"]["cost_ratio_last_vs_first"],
-            sc["rows"]["met"],
-            "see rows table",
-        )
-    )
-    out.append(
-        _t(
-            "scaling",
-            "domains x10: adapter epoch ratio",
-            sc["domains"]["target"],
-            sc["domains"]["ratio_10x_domains"],
-            sc["domains"]["met"],
-            sc["domains"].get("bottleneck", ""),
-        )
-    )
-    out.append(
-        _t(
-            "scaling",
-            "table size: max bytes/rank at 2 workers / at 1",
-            sc["table_size"]["target"],
-            sc["table_size"]["max_rank_w2_vs_w1_worst"],
-            sc["table_size"]["met"],
-            "planner placement",
-        )
-    )
+    for key, label, measured, bottleneck in (
+        ("rows", "rows 1e5 -> 1e7: cost per row last / first", "cost_ratio_last_vs_first",
+         "see rows table"),
+        ("domains", "domains x10: adapter epoch ratio", "ratio_10x_domains",
+         sc["domains"].get("bottleneck", "")),
+        ("table_size", "table size: max bytes/rank at 2 workers / at 1", "max_rank_w2_vs_w1_worst",
+         "planner placement"),
+    ):
+        out.append(_t("scaling", label, sc[key]["target"], sc[key][measured], sc[key]["met"], bottleneck))
     ad = res["adaptation"]
     for k, goal in GOALS.items():
         out.append(
