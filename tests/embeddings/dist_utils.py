@@ -9,6 +9,7 @@ traceback; a hang (e.g. unequal collectives) is killed after ``timeout`` seconds
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,6 +40,11 @@ def _worker(rank: int, fn: Callable, world_size: int, port: int, out: str, args:
     finally:
         dist.destroy_process_group()
     torch.save(result, Path(out) / f"rank{rank}.pt")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no interpreter finalisation: a gloo worker thread still freeing a collective's tensors
+    # while Python shuts down aborts the process (see benchmarks/peers.py)
+    os._exit(0)
 
 
 def run_gloo(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
