@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -247,6 +248,37 @@ class RoutedLoRA(_Cached):
             bias = onehot @ bias  # [N, d_out]
         return self.scaling * (u if scale is None else u * scale) + bias
 
+    def linear(self, x: Tensor, route: Route, base: nn.Linear) -> Tensor:
+        """``base(x) + forward(x, route)`` for ``style="mlora"``, with no pass over [N, d_out] of its own.
+
+        The per-domain bias joins the base bias (one domain) or the second factor (mixed rows:
+        ``[(x A_cat) ⊙ M·scaling, onehot] @ [B_cat; bias]``), and the update is accumulated into
+        the base output by an in-place ``addmm_`` (the base GEMM's backward needs only x and W,
+        not its output). On one CPU thread this removes the scale, bias-add and residual-add
+        passes that took ~30% of an adapter step.
+
+        Args:
+            x: [N, d_in] inputs.
+            route: slots [N] into :attr:`keys` (-1: base output only).
+            base: the frozen Linear (d_in -> d_out).
+
+        Returns:
+            [N, d_out].
+        """
+        if self.style != "mlora":
+            raise ValueError("linear: only the mlora style adds its update to a base Linear")
+        if route.single is not None:
+            if route.single < 0:
+                return base(x)
+            a, b, _, bias = self.factors(self.keys[route.single])
+            y = F.linear(x, base.weight, bias if base.bias is None else base.bias + bias)
+            return y.addmm_(x @ a, b, alpha=self.scaling)
+        first, second, _, bias = self.stacked("lora", self._stack)
+        onehot = _onehot(route.slots, len(self.keys), x.dtype)  # [N, K]
+        mask = onehot.repeat_interleave(self.rank, 1) * self.scaling  # [N, K r]
+        h = torch.cat([(x @ first) * mask, onehot], 1)  # [N, K r + K]
+        return base(x).addmm_(h, torch.cat([second, bias]))
+
 
 class _AdaptedLinear(_Cached):
     """Frozen base Linear + domain-keyed containers; per-domain state for bundles."""
@@ -375,7 +407,7 @@ class DomainLoRALinear(_AdaptedLinear):
     def forward(self, x: Tensor) -> Tensor:
         """y [B, *, d_out] = base(x) + per-row update, routed by the router's domain slots."""
         flat, (route,) = self._flat(x)
-        return self.base(x) + self.lora(flat, route).view(*x.shape[:-1], -1)
+        return self.lora.linear(flat, route, self.base).view(*x.shape[:-1], -1)
 
     @torch.no_grad()
     def merged_linear(self, domain: str, *, safe: bool = True) -> nn.Linear:

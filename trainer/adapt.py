@@ -180,7 +180,8 @@ def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], pa
     """
     pos = [adapted.domain_names.index(d) for d in names]
     own = {d: list(adapted.adapter_params(d).values()) for d in names}
-    opt = torch.optim.Adam([p for ps in own.values() for p in ps], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam([p for ps in own.values() for p in ps], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           fused=True)
     train, val = part["train"], part.get("validation")
     rows = [torch.nonzero(slots["train"] == k).squeeze(1) for k in pos]
     gens = [torch.Generator().manual_seed(domain_seed(loop.seed, d)) for d in names]
@@ -267,7 +268,8 @@ def _train_joint(model: nn.Module, adapted: AdaptedModel, part: dict[str, Featur
     scores below its backbone score is never kept (-inf): the shared state cannot trade one
     domain's loss for the others' gains.
     """
-    opt = torch.optim.Adam(adapted.adapter_params().values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(adapted.adapter_params().values(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           fused=True)
     names, train = adapted.domain_names, part["train"]
     snapshot = lambda: (adapted.shared_state(), {d: adapted.state_for(d) for d in names})  # noqa: E731
     validate = lambda: _val_scores(model, adapted, part.get("validation"), slots.get("validation"),  # noqa: E731

@@ -90,7 +90,7 @@ def setup_pretrain(cfg: RunConfig, env: DistEnv, schema: Schema, total_steps: in
     if init:
         ckpt.read_shards(Path(init), model)
     params = list(sharding.dense_params(model))
-    optimizer = torch.optim.Adam(params, lr=o.dense_lr, weight_decay=o.weight_decay)
+    optimizer = torch.optim.Adam(params, lr=o.dense_lr, weight_decay=o.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=o.warmup_steps, total=total_steps, schedule=o.schedule)
     )
