@@ -47,7 +47,7 @@ from benchmarks.quality_data import load
 from benchmarks.quality_methods import FULL, METHODS, Hyper, Outcome, SeedRun, metrics
 from benchmarks.quality_report import markdown, plot, summarise
 from mdlora.atomic import write_bytes
-from trainer.config import ModelConfig
+from trainer.config import AdaptTrainConfig, ModelConfig
 
 RULE = ("full models: Mix's (lr, batch) by validation WAUC on the first seed (lr at the first batch, "
         "then the batch at that lr; trials of at most {select_epochs} epoch(s)), reused by every "
@@ -103,14 +103,16 @@ def select_adapters(run: SeedRun, args) -> list[dict]:
             continue
         scores = {}
         for lr in args.adapter_lrs:
-            run.hp[family] = Hyper(lr, batch, args.adapter_epochs, args.adapter_patience, args.adapter_eval_every)
+            run.hp[family] = Hyper(lr, batch, args.adapter_epochs, args.adapter_patience, args.adapter_eval_every,
+                                 args.adapter_confidence)
             out = scores[lr] = run.run(family)
             trials.append({"method": family, "lr": lr, "batch": batch, "val_wauc": out.val_wauc,
                            "epoch": max(out.epochs), "seconds": out.seconds, "seed": run.seed})
             _log(f"seed {run.seed} select {family} lr={lr:g}: val WAUC {_f(out.val_wauc)} "
                  f"(best epochs {out.epochs})")
         best = max(scores, key=lambda k: scores[k].val_wauc)
-        run.hp |= {m: Hyper(best, batch, args.adapter_epochs, args.adapter_patience, args.adapter_eval_every)
+        run.hp |= {m: Hyper(best, batch, args.adapter_epochs, args.adapter_patience, args.adapter_eval_every,
+                                 args.adapter_confidence)
                    for m in members}
         run.cached[family] = scores[best]
     return trials
@@ -173,7 +175,8 @@ def run_all(args) -> dict:
             "hyper": {m: asdict(hp[m]) if m in hp else
                       {"lr": [results[s][0][m]["lr"] for s in done], "batch": hp["mix"].batch,
                        "epochs": args.adapter_epochs, "patience": args.adapter_patience,
-                       "eval_every": args.adapter_eval_every} for m in args.methods},
+                       "eval_every": args.adapter_eval_every, "confidence": args.adapter_confidence}
+                      for m in args.methods},
             "selection": {"rule": RULE.format(select_epochs=args.select_epochs or "full"),
                           "trials": trials + [t for s in done for t in results[s][0]["adapter_selection"]]},
             "params": results[done[0]][1],
@@ -241,6 +244,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=ints, default=[2048, 512, 4096],
                    help="the lrs are compared at the first")
     p.add_argument("--adapter-lrs", type=floats, default=[1e-3, 5e-4, 1e-4])
+    p.add_argument("--adapter-confidence", type=float, default=AdaptTrainConfig.confidence,
+                   help="MLoRA gate: keep a domain's adapter only when it beats the backbone in this share "
+                        "of paired bootstrap resamples of its validation rows (0: off)")
     p.add_argument("--adapter-eval-every", type=int, default=10, help="adapters also validate every "
                    "N steps: on a converged backbone their validation peak comes early in epoch 1")
     p.add_argument("--adapter-patience", type=int, default=4, help="adapter validation checks "

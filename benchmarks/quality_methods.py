@@ -50,6 +50,8 @@ class Hyper:
     eval_every: int = 0
     """Adapters: also validate every N steps (``AdaptTrainConfig.eval_every``); patience then
     counts these checks."""
+    confidence: float = AdaptTrainConfig.confidence
+    """MLoRA's gate (``AdaptTrainConfig.confidence``)."""
 
 
 @dataclass
@@ -205,7 +207,7 @@ class SeedRun:
         """Train ``method``'s adapters on the frozen Mix head; predict the test split."""
         mix, feats, hp = self.mix()[0], self.features(), self.hp[method]
         head, lora, vocab = adapt.Head.of(mix.backbone), self.lora_config(method), self.data.domains
-        cfg = AdaptTrainConfig(lr=hp.lr, batch_size=hp.batch, eval_every=hp.eval_every)
+        cfg = AdaptTrainConfig(lr=hp.lr, batch_size=hp.batch, eval_every=hp.eval_every, confidence=hp.confidence)
         loop = LoopConfig(epochs=hp.epochs, patience=hp.patience, seed=self.seed)
         splits = {"train": feats["train"], "validation": feats["validation"]}
         aux_values, aux_col, shared = None, None, None

@@ -96,9 +96,11 @@ def markdown(res: dict) -> str:
         lines += ["", "Goals (issue 5, total AUC): "
                   + "; ".join(f"{m} >= {g:.4f}: {_goal(s, m, g)}" for m, g in GOALS.items() if m in s)]
     lines += ["", "Hyper-parameters (chosen on validation only): " + res["selection"]["rule"] + ".", "",
-              "| method | lr | batch | max epochs | patience | validate every N steps |", "|---|---|---|---|---|---|"]
+              "| method | lr | batch | max epochs | patience | validate every N steps | MLoRA gate confidence |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {_lr(h['lr'])} | {h['batch']} | {h['epochs']} | {h['patience']} | "
-              f"{h.get('eval_every') or 'epoch end'} |" for m, h in res["hyper"].items()]
+              f"{h.get('eval_every') or 'epoch end'} | {h.get('confidence', '-') if m == 'mlora' else '-'} |"
+              for m, h in res["hyper"].items()]
     lines += ["", "Selection trials (validation WAUC):", "",
               "| method | seed | lr | batch | val WAUC | best epoch |", "|---|---|---|---|---|---|"]
     lines += [f"| {t['method']} | {t.get('seed', res['seeds'][0])} | {t['lr']:g} | {t['batch']} | "

@@ -16,6 +16,9 @@ exact).
 No negative transfer on validation: every adapted layer starts exactly at the frozen layer, and
 that starting state is a candidate of every early stopping, so a kept state never scores below
 its start on validation (for MLoRA and the MultiLoRA joint stage, the start is the backbone).
+A validation gain can be noise on a small domain, so MLoRA keeps a trained adapter only when
+it beats the backbone in ``confidence`` of paired bootstrap resamples of the domain's
+validation rows (:func:`gain_confidence`); otherwise the domain serves the backbone exactly.
 Validation runs at the end of each epoch and, with ``eval_every``, every N steps.
 
 Metrics per domain and split (``validation``, ``test``): AUC and LogLoss of the frozen head
@@ -29,8 +32,10 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 
 from adapters.config import LoraConfig
@@ -40,8 +45,8 @@ from trainer.config import AdaptTrainConfig, LoopConfig
 from trainer.features import Features, Head, materialise, predict
 from trainer.metrics import DomainMetrics
 
-__all__ = ["DomainResult", "Features", "Head", "compare", "domain_seed", "materialise", "predict",
-           "train_mlora", "train_mlora_domain", "train_multilora"]
+__all__ = ["DomainResult", "Features", "Head", "compare", "domain_seed", "gain_confidence", "materialise",
+           "predict", "train_mlora", "train_mlora_domain", "train_multilora"]
 SPLITS = ("validation", "test")
 
 
@@ -61,6 +66,10 @@ class DomainResult:
     """Validation score after each evaluation (AUC, or -LogLoss when AUC is undefined)."""
     best_step: int = 0
     """Optimiser steps of the run (its pack) when the kept state was validated; 0: initial."""
+    confidence: float | None = None
+    """MLoRA gate: share of paired bootstrap resamples of the validation rows in which the
+    trained adapter's AUC beat the backbone's (None: not gated — nothing trained better, or no
+    AUC). Below ``AdaptTrainConfig.confidence`` the domain was reset to the zero update."""
 
 
 class _Best:
@@ -101,6 +110,40 @@ def compare(base: Tensor, adapted: Tensor, labels: Tensor) -> dict[str, float | 
     b, a = _score(base, labels), _score(adapted, labels)
     return {"auc_backbone": b["auc"], "auc_adapter": a["auc"], "logloss_backbone": b["logloss"],
             "logloss_adapter": a["logloss"], "samples": b["n"]}
+
+
+def gain_confidence(base: Tensor, adapted: Tensor, labels: Tensor, resamples: int, seed: int) -> float | None:
+    """Share of paired bootstrap resamples of the rows (the same rows for both models) in which
+    ``adapted`` has the higher AUC (a tie counts half); None when the rows hold one class only."""
+    y, b, a = labels.numpy(), base.numpy(), adapted.numpy()
+    if not 0 < y.sum() < len(y):
+        return None
+    rng, wins, used = np.random.default_rng(seed), 0.0, 0
+    for _ in range(resamples):
+        i = rng.integers(0, len(y), len(y))
+        if not 0 < y[i].sum() < len(i):
+            continue
+        d = roc_auc_score(y[i], a[i]) - roc_auc_score(y[i], b[i])
+        wins, used = wins + (d > 0) + 0.5 * (d == 0), used + 1
+    return wins / used if used else None
+
+
+def _gate(head: Head, model: nn.Module, adapted: AdaptedModel, part: dict[str, Features],
+          slots: dict[str, Tensor], results: list[DomainResult], start: dict[str, dict],
+          cfg: AdaptTrainConfig, seed: int) -> None:
+    """Reset to its starting (zero-update) state every domain whose kept adapter does not beat
+    the backbone on its validation rows in ``cfg.confidence`` of paired bootstrap resamples."""
+    val, moved = part.get("validation"), [r for r in results if r.best_step > 0]
+    if not cfg.confidence or val is None or not len(val) or not moved:
+        return
+    base, mine = predict(head, None, val), predict(model, adapted, val, slots["validation"])
+    for r in moved:
+        m = slots["validation"] == adapted.domain_names.index(r.domain)
+        r.confidence = gain_confidence(base[m], mine[m], val.labels[m], cfg.resamples,
+                                       domain_seed(seed, r.domain))
+        if r.confidence is not None and r.confidence < cfg.confidence:
+            r.state, r.best_epoch, r.best_step = start[r.domain], 0, 0
+            adapted.load_state_for(r.domain, r.state)
 
 
 def _batches(n: int, size: int, gen: torch.Generator) -> list[Tensor]:
@@ -144,8 +187,10 @@ def train_mlora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[st
         pack, model = domains[lo:lo + cfg.pack], copy.deepcopy(head)
         adapted = inject(model, lora, pack, root="tower")
         _initial_states(adapted, lora, pack, loop.seed)
+        start = {d: adapted.state_for(d) for d in pack}
         part, slots = _routed(adapted, vocab, splits)
         out += (results := _train_domains(model, adapted, pack, part, slots, None, cfg, loop))
+        _gate(head, model, adapted, part, slots, results, start, cfg, loop.seed)
         _final_metrics(head, model, adapted, part, slots, results)
     return out
 

@@ -227,6 +227,14 @@ class AdaptTrainConfig:
     """A validation score counts as better only when it beats the best so far by more than
     this (AUC units): a guard against keeping noise on small validation sets, where a state
     that merely looks better than the backbone would be negative transfer on new data."""
+    confidence: float = 0.9
+    """MLoRA's no-negative-transfer gate: a domain keeps its trained adapter only when, over
+    paired bootstrap resamples of its validation rows, the adapter's AUC beats the frozen
+    backbone's in at least this share of them; otherwise the domain keeps the backbone exactly
+    (the zero update). It scales with the domain's size: a few hundred validation rows need a
+    large gain, a hundred thousand a small one. 0: any validation gain is kept."""
+    resamples: int = 200
+    """Bootstrap resamples of the ``confidence`` gate."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -243,6 +251,10 @@ class AdaptTrainConfig:
             raise ValueError(f"eval_every: must be >= 0, got {self.eval_every}")
         if self.min_delta < 0:
             raise ValueError(f"min_delta: must be >= 0, got {self.min_delta}")
+        if not 0.0 <= self.confidence < 1.0:
+            raise ValueError(f"confidence: must be in [0, 1), got {self.confidence}")
+        if self.resamples < 1:
+            raise ValueError(f"resamples: must be >= 1, got {self.resamples}")
 
 
 @dataclass(kw_only=True)

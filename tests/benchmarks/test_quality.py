@@ -64,8 +64,10 @@ def test_structure_params_and_hyper(result):
     assert domains == ["d00", "d01", "d02"]
     for m in ("mix", "mlora"):
         assert set(res["summary"][m]["domains"]) == set(domains)
-    assert res["hyper"]["mix"] == {"lr": 0.01, "batch": 256, "epochs": 3, "patience": 1, "eval_every": 0}
-    assert res["hyper"]["mlora"] == {"lr": [0.01], "batch": 256, "epochs": 3, "patience": 2, "eval_every": 5}
+    assert res["hyper"]["mix"] == {"lr": 0.01, "batch": 256, "epochs": 3, "patience": 1, "eval_every": 0,
+                                  "confidence": 0.9}
+    assert res["hyper"]["mlora"] == {"lr": [0.01], "batch": 256, "epochs": 3, "patience": 2, "eval_every": 5,
+                                    "confidence": 0.9}
     # MLoRA trains small adapters only; serving needs the frozen Mix model plus them
     e = res["params"]["mix"]["total"]
     assert res["params"]["mix"]["trainable"] == e

@@ -15,6 +15,7 @@ from embeddings.tables import build_ebc
 from trainer.adapt import (
     Features,
     Head,
+    gain_confidence,
     materialise,
     predict,
     train_mlora,
@@ -241,3 +242,47 @@ def test_min_delta_keeps_the_backbone_unless_validation_gains_more():
                               LoopConfig(epochs=2))
     assert kept.best_epoch == 0 and len(kept.history) == 2
     assert kept.metrics["validation"]["auc_adapter"] == pytest.approx(v["auc_backbone"], abs=1e-12)
+
+
+def test_gain_confidence_is_a_paired_bootstrap_of_the_auc_difference():
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(400, generator=g) < 0.4).float()
+    base = torch.rand(400, generator=g)
+    better = 0.6 * y + torch.rand(400, generator=g)  # AUC ~0.8 against base's ~0.5
+    assert gain_confidence(base, base.clone(), y, 50, 0) == 0.5  # every resample a tie
+    assert gain_confidence(base, better, y, 100, 0) > 0.99
+    assert gain_confidence(better, base, y, 100, 0) < 0.01
+    assert gain_confidence(base, better, y, 100, 0) == gain_confidence(base, better, y, 100, 0)  # seeded
+    assert gain_confidence(base, better, torch.ones(400), 10, 0) is None  # one class: no AUC
+
+
+def test_confidence_gate_resets_a_noise_gain_and_keeps_a_real_one():
+    head = _head()
+    splits = _splits(head, {1: 1.5}, n=4000)  # "a" is unshifted: the backbone is exact there
+    loop = LoopConfig(epochs=3, patience=3, seed=0)
+    cfg = {"lr": 2e-2, "batch_size": 256, "eval_every": 2}
+    open_ = train_mlora(head, LORA, VOCAB, ["a", "b"], splits, AdaptTrainConfig(**cfg, confidence=0.0), loop)
+    gated = train_mlora(head, LORA, VOCAB, ["a", "b"], splits, AdaptTrainConfig(**cfg, confidence=0.9), loop)
+    # ungated, "a" keeps a state that won on validation by chance and loses on test
+    a = open_[0].metrics
+    assert open_[0].best_step > 0 and open_[0].confidence is None
+    assert a["validation"]["auc_adapter"] > a["validation"]["auc_backbone"]
+    assert a["test"]["auc_adapter"] < a["test"]["auc_backbone"]
+    # gated, the same gain is not convincing: "a" serves the backbone exactly
+    assert gated[0].confidence is not None and gated[0].confidence < 0.9
+    assert gated[0].best_epoch == gated[0].best_step == 0
+    assert all(torch.equal(t, torch.zeros_like(t)) for k, t in gated[0].state.items() if k.endswith((".B", ".bias")))
+    for split in ("validation", "test"):
+        m = gated[0].metrics[split]
+        assert m["auc_adapter"] == pytest.approx(m["auc_backbone"], abs=1e-12)
+    # the shifted domain's gain is real: kept, and identical to the ungated run
+    assert gated[1].confidence >= 0.9 and gated[1].best_step == open_[1].best_step > 0
+    assert all(torch.equal(gated[1].state[k], open_[1].state[k]) for k in open_[1].state)
+    assert gated[1].metrics["test"]["auc_adapter"] > gated[1].metrics["test"]["auc_backbone"] + 0.05
+
+
+def test_confidence_must_be_a_share():
+    with pytest.raises(ValueError, match="confidence"):
+        AdaptTrainConfig(confidence=1.0)
+    with pytest.raises(ValueError, match="resamples"):
+        AdaptTrainConfig(resamples=0)
