@@ -116,6 +116,15 @@ def targets(res: dict) -> list[dict]:
     out.append(
         _t(
             "adaptation",
+            "epoch_ratio at the pretrain's batch size (2048 rows a step)",
+            "(reported)",
+            ad["epoch_ratio_at_pretrain_batch"],
+            None,
+        )
+    )
+    out.append(
+        _t(
+            "adaptation",
             "bundle bytes / backbone bytes",
             "(reported)",
             ad["bundle_size"]["ratio"],
