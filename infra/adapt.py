@@ -211,7 +211,8 @@ def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head
             count = sum(t.numel() for k, t in r.state.items() if not k.endswith(_BN_STATS))
             metrics = _clean(r.metrics) | {"train": {"samples": float(r.train_samples),
                                                      "best_epoch": float(r.best_epoch),
-                                                     "epochs_run": float(len(r.history))}
+                                                     "epochs_run": float(r.epochs_run),
+                                                     "validations": float(len(r.history))}
                                           | ({} if r.confidence is None else {"gain_confidence": r.confidence})}
             manifest = BundleManifest(
                 domain=r.domain, method=cfg.lora.method, lora=lora, backbone=backbone.ref(),

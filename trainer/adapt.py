@@ -64,6 +64,8 @@ class DomainResult:
     """Epoch (1-based) whose state was kept; 0: the initial (zero-update) state."""
     history: list[float | None] = field(default_factory=list)
     """Validation score after each evaluation (AUC, or -LogLoss when AUC is undefined)."""
+    epochs_run: int = 0
+    """Epochs this domain trained (its last validation came in this epoch)."""
     best_step: int = 0
     """Optimiser steps of the run (its pack) when the kept state was validated; 0: initial."""
     confidence: float | None = None
@@ -255,6 +257,7 @@ def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], pa
         scores, seen = validate(), step
         for k in sorted(active):
             results[k].history.append(scores[k])
+            results[k].epochs_run = epoch
             if not stops[k].update(scores[k], lambda k=k: adapted.state_for(names[k]), epoch, step,
                                    loop.patience, cfg.min_delta):
                 active.discard(k)

@@ -193,6 +193,7 @@ def test_eval_every_validates_inside_epochs_and_keeps_the_best():
     r = train_mlora_domain(head, LORA, "b", splits, cfg, LoopConfig(epochs=2))
     at = sorted({*range(6, 2 * per_epoch + 1, 6), per_epoch, 2 * per_epoch})  # steps validated at
     assert len(r.history) == len(at) and r.best_step == at[int(np.argmax(r.history))]
+    assert r.epochs_run == 2 < len(r.history)  # epochs, not validations
     assert r.best_epoch == 1 + (r.best_step > per_epoch)
     assert r.metrics["validation"]["auc_adapter"] == pytest.approx(max(r.history), abs=1e-9)
 
