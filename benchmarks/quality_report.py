@@ -29,7 +29,8 @@ def summarise(per_seed: dict[str, list[dict]], domains: list[str]) -> dict:
     Returns:
         method -> ``{"auc", "wauc", "logloss": stat, "domains": {d: {"auc", "logloss": stat}},
         "beats_mix": {...}}``; stat = ``{"mean", "std", "n"}``. ``beats_mix``: per domain, the
-        number of seeds whose AUC is above Mix's on the same seed, and whether the mean is.
+        number of seeds whose AUC is above (and below: negative transfer) Mix's on the same seed,
+        and whether the mean is above.
     """
     out = {}
     mix = per_seed.get("mix")
@@ -42,7 +43,10 @@ def summarise(per_seed: dict[str, list[dict]], domains: list[str]) -> dict:
                                for r, x in zip(runs, mix, strict=False))) for d in domains}
             mean_above = {d: _above(s["domains"][d]["auc"]["mean"], out["mix"]["domains"][d]["auc"]["mean"])
                           for d in domains}
+            below = {d: int(sum(_above(x["domains"][d]["auc"], r["domains"][d]["auc"])
+                                for r, x in zip(runs, mix, strict=False))) for d in domains}
             s["beats_mix"] = {"seeds_above_per_domain": wins, "mean_above_per_domain": mean_above,
+                              "seeds_below_per_domain": below,
                               "every_domain_every_seed": all(w == len(runs) for w in wins.values()),
                               "every_domain_mean": all(mean_above.values())}
         out[m] = s
@@ -70,7 +74,7 @@ def markdown(res: dict) -> str:
              "Mean ± std over seeds (sample std). Trainable = parameters the method trains, all "
              "domains; total = parameters served (frozen backbone included).", ""]
     head = ["method", *[f"AUC {d}" for d in domains], "total AUC", "WAUC", "> Mix every domain",
-            "trainable", "total"]
+            "seed×domain cells < Mix", "trainable", "total"]
     if ml1m:
         head.insert(len(domains) + 2, "paper")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -80,8 +84,10 @@ def markdown(res: dict) -> str:
         wins = ("-" if beats is None else
                 ("yes" if beats["every_domain_mean"] else "no")
                 + f" (seeds: {', '.join(str(v) for v in beats['seeds_above_per_domain'].values())})")
+        below = "-" if beats is None else f"{sum(beats['seeds_below_per_domain'].values())} of " \
+            f"{len(domains) * len(res['seeds'])}"
         row = [m, *[_pm(st["domains"][d]["auc"]) for d in domains], _pm(st["auc"]), _pm(st["wauc"]),
-               wins, f"{res['params'][m]['trainable']:,}", f"{res['params'][m]['total']:,}"]
+               wins, below, f"{res['params'][m]['trainable']:,}", f"{res['params'][m]['total']:,}"]
         if ml1m:
             row.insert(len(domains) + 2, f"{PAPER[m]:.4f}" if m in PAPER else "-")
         lines.append("| " + " | ".join(row) + " |")
