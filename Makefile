@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel >/dev/null 2>&1 || $(BIN)/pip install -q setuptools wheel
 	$(BIN)/pip install -q torch==$(TORCH_VER) $(FBGEMM_PKG) "ray[default,train]==$(RAY_VER)" \
-	    pyarrow s3fs scikit-learn safetensors "moto[server]" pytest pytest-timeout matplotlib \
+	    pyarrow s3fs scikit-learn scipy safetensors "moto[server]" pytest pytest-timeout matplotlib \
 	    tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath numpy pyyaml
 	# torchrec declares the CUDA fbgemm-gpu; --no-deps keeps the one chosen above.
 	$(BIN)/pip install -q --no-deps torchrec==$(TORCHREC_VER)
