@@ -16,9 +16,10 @@ exact).
 No negative transfer on validation: every adapted layer starts exactly at the frozen layer, and
 that starting state is a candidate of every early stopping, so a kept state never scores below
 its start on validation (for MLoRA and the MultiLoRA joint stage, the start is the backbone).
-A validation gain can be noise on a small domain, so MLoRA keeps a trained adapter only when
-it beats the backbone in ``confidence`` of paired bootstrap resamples of the domain's
-validation rows (:func:`gain_confidence`); otherwise the domain serves the backbone exactly.
+A validation gain can be noise on a small domain, so with ``confidence`` > 0 MLoRA splits each
+domain's validation rows in two seeded halves: early stopping looks at the first, and the kept
+adapter must then beat the backbone on the second, unseen half in ``confidence`` of bootstrap
+resamples (:func:`gain_confidence`); otherwise the domain serves the backbone exactly.
 Validation runs at the end of each epoch and, with ``eval_every``, every N steps.
 
 Metrics per domain and split (``validation``, ``test``): AUC and LogLoss of the frozen head
@@ -69,9 +70,10 @@ class DomainResult:
     best_step: int = 0
     """Optimiser steps of the run (its pack) when the kept state was validated; 0: initial."""
     confidence: float | None = None
-    """MLoRA gate: share of paired bootstrap resamples of the validation rows in which the
-    trained adapter's AUC beat the backbone's (None: not gated — nothing trained better, or no
-    AUC). Below ``AdaptTrainConfig.confidence`` the domain was reset to the zero update."""
+    """MLoRA gate: share of bootstrap resamples of the gate's half of the validation rows in
+    which the trained adapter's AUC beat the backbone's (None: not gated — nothing trained
+    better, or no AUC). Below ``AdaptTrainConfig.confidence`` the domain was reset to the zero
+    update."""
 
 
 class _Best:
@@ -201,10 +203,34 @@ def train_mlora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[st
         ids = sorted(vocab.index(d) for d in pack)
         part, slots = _routed(adapted, vocab, {s: f.select(torch.cat([rows[i] for i in ids]))
                                                for s, (f, rows) in grouped.items()})
-        out += (results := _train_domains(model, adapted, pack, part, slots, None, cfg, loop))
-        _gate(head, model, adapted, part, slots, results, start, cfg, loop.seed)
+        select, check = _halves(adapted, pack, part, slots, loop.seed) if cfg.confidence else ((part, slots), None)
+        out += (results := _train_domains(model, adapted, pack, *select, None, cfg, loop))
+        if check is not None:
+            _gate(head, model, adapted, *check, results, start, cfg, loop.seed)
         _final_metrics(head, model, adapted, part, slots, results)
     return out
+
+
+def _halves(adapted: AdaptedModel, pack: list[str], part: dict[str, Features], slots: dict[str, Tensor],
+            seed: int) -> tuple[tuple[dict, dict], tuple[dict, dict] | None]:
+    """``(part, slots)`` with each domain's validation rows split in two seeded halves: the
+    first drives early stopping, the second is the gate's (an early-stopped state is the best of
+    many looks at its validation rows, so its gain there is biased upwards; the other half is
+    not). None for the gate without validation rows."""
+    val = part.get("validation")
+    if val is None or not len(val):
+        return (part, slots), None
+    halves: tuple[list[Tensor], list[Tensor]] = ([], [])
+    for d in pack:
+        rows = torch.nonzero(slots["validation"] == adapted.domain_names.index(d)).squeeze(1)
+        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(domain_seed(seed, d)))]
+        halves[0].append(rows[: (len(rows) + 1) // 2])
+        halves[1].append(rows[(len(rows) + 1) // 2:])
+    out = []
+    for h in halves:
+        idx = torch.cat(h).sort().values
+        out.append(({**part, "validation": val.select(idx)}, {**slots, "validation": slots["validation"][idx]}))
+    return out[0], out[1]
 
 
 def train_mlora_domain(head: Head, lora: LoraConfig, domain: str, splits: dict[str, Features],

@@ -228,11 +228,12 @@ class AdaptTrainConfig:
     this (AUC units): a guard against keeping noise on small validation sets, where a state
     that merely looks better than the backbone would be negative transfer on new data."""
     confidence: float = 0.9
-    """MLoRA's no-negative-transfer gate: a domain keeps its trained adapter only when, over
-    paired bootstrap resamples of its validation rows, the adapter's AUC beats the frozen
-    backbone's in at least this share of them; otherwise the domain keeps the backbone exactly
-    (the zero update). It scales with the domain's size: a few hundred validation rows need a
-    large gain, a hundred thousand a small one. 0: any validation gain is kept."""
+    """MLoRA's no-negative-transfer gate: each domain's validation rows are split in two seeded
+    halves; early stopping uses the first, and the kept adapter must beat the frozen backbone's
+    AUC on the second in at least this share of bootstrap resamples, else the domain keeps the
+    backbone exactly (the zero update). It scales with the domain's size: a few hundred
+    validation rows need a large gain, a hundred thousand a small one. 0: no gate, early
+    stopping on all validation rows."""
     resamples: int = 200
     """Bootstrap resamples of the ``confidence`` gate."""
 

@@ -60,7 +60,8 @@ def _splits(head: Head, shift: dict, val_shift: dict | None = None, n: int = 600
             "test": _features(head, n // 4, 3, shift)}
 
 
-CFG = AdaptTrainConfig(lr=2e-2, batch_size=256)
+# no gate here (early stopping then sees every validation row); the gate has its own tests
+CFG = AdaptTrainConfig(lr=2e-2, batch_size=256, confidence=0.0)
 
 
 def _auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -189,7 +190,7 @@ def test_eval_every_validates_inside_epochs_and_keeps_the_best():
     splits = {s: f.of_domain(1) for s, f in _splits(head, {1: 1.5}).items()}  # ~1500 train rows
     per_epoch = -(-len(splits["train"]) // 128)
     assert per_epoch % 6  # epochs end between two validations
-    cfg = AdaptTrainConfig(lr=2e-2, batch_size=128, eval_every=6)
+    cfg = AdaptTrainConfig(lr=2e-2, batch_size=128, eval_every=6, confidence=0.0)
     r = train_mlora_domain(head, LORA, "b", splits, cfg, LoopConfig(epochs=2))
     at = sorted({*range(6, 2 * per_epoch + 1, 6), per_epoch, 2 * per_epoch})  # steps validated at
     assert len(r.history) == len(at) and r.best_step == at[int(np.argmax(r.history))]
@@ -239,7 +240,7 @@ def test_min_delta_keeps_the_backbone_unless_validation_gains_more():
     v = gains.metrics["validation"]
     assert gains.best_epoch >= 1 and v["auc_adapter"] > v["auc_backbone"]
     margin = v["auc_adapter"] - v["auc_backbone"] + 1e-3  # more than the best gain seen
-    kept = train_mlora_domain(head, LORA, "b", splits, AdaptTrainConfig(lr=2e-2, batch_size=256, min_delta=margin),
+    kept = train_mlora_domain(head, LORA, "b", splits, AdaptTrainConfig(lr=2e-2, batch_size=256, min_delta=margin, confidence=0.0),
                               LoopConfig(epochs=2))
     assert kept.best_epoch == 0 and len(kept.history) == 2
     assert kept.metrics["validation"]["auc_adapter"] == pytest.approx(v["auc_backbone"], abs=1e-12)
@@ -276,9 +277,9 @@ def test_confidence_gate_resets_a_noise_gain_and_keeps_a_real_one():
     for split in ("validation", "test"):
         m = gated[0].metrics[split]
         assert m["auc_adapter"] == pytest.approx(m["auc_backbone"], abs=1e-12)
-    # the shifted domain's gain is real: kept, and identical to the ungated run
-    assert gated[1].confidence >= 0.9 and gated[1].best_step == open_[1].best_step > 0
-    assert all(torch.equal(gated[1].state[k], open_[1].state[k]) for k in open_[1].state)
+    # the shifted domain's gain is real: it holds on the gate's unseen half and is kept
+    assert gated[1].confidence >= 0.9 and gated[1].best_step > 0
+    assert any(not torch.equal(t, torch.zeros_like(t)) for k, t in gated[1].state.items() if k.endswith(".B"))
     assert gated[1].metrics["test"]["auc_adapter"] > gated[1].metrics["test"]["auc_backbone"] + 0.05
 
 
