@@ -144,9 +144,10 @@ def _gate(head: Head, model: nn.Module, adapted: AdaptedModel, part: dict[str, F
           slots: dict[str, Tensor], results: list[DomainResult], start: dict[str, dict],
           cfg: AdaptTrainConfig, seed: int) -> None:
     """Reset to its starting (zero-update) state every domain whose kept adapter does not beat
-    the backbone on its validation rows in ``cfg.confidence`` of paired bootstrap resamples."""
-    val, moved = part.get("validation"), [r for r in results if r.best_step > 0]
-    if not cfg.confidence or val is None or not len(val) or not moved:
+    the backbone on the gate's validation rows (``part``, from :func:`_halves`) in
+    ``cfg.confidence`` of bootstrap resamples."""
+    val, moved = part["validation"], [r for r in results if r.best_step > 0]
+    if not moved:
         return
     base, mine = predict(head, None, val), predict(model, adapted, val, slots["validation"])
     for r in moved:
