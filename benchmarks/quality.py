@@ -246,7 +246,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter-lrs", type=floats, default=[1e-3, 5e-4, 1e-4])
     p.add_argument("--adapter-confidence", type=float, default=AdaptTrainConfig.confidence,
                    help="MLoRA gate: keep a domain's adapter only when it beats the backbone in this share "
-                        "of paired bootstrap resamples of its validation rows (0: off)")
+                        "of bootstrap resamples of the validation half early stopping did not see (0: off)")
     p.add_argument("--adapter-eval-every", type=int, default=10, help="adapters also validate every "
                    "N steps: on a converged backbone their validation peak comes early in epoch 1")
     p.add_argument("--adapter-patience", type=int, default=4, help="adapter validation checks "
