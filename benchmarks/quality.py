@@ -97,23 +97,25 @@ def select_adapters(run: SeedRun, args) -> list[dict]:
     """Adapter lr over ``--adapter-lrs`` on this seed's validation, per family (mlora; multilora,
     reused by its add/avg ablations), at Mix's batch; the winners are cached as this seed's results."""
     trials, batch = [], run.hp["mix"].batch
+
+    def hyper(lr: float) -> Hyper:
+        return Hyper(lr, batch, args.adapter_epochs, args.adapter_patience, args.adapter_eval_every,
+                     args.adapter_confidence)
+
     for family in ("mlora", "multilora"):
         members = [m for m in args.methods if m == family or m.startswith(family + "_")]
         if not members:
             continue
         scores = {}
         for lr in args.adapter_lrs:
-            run.hp[family] = Hyper(lr, batch, args.adapter_epochs, args.adapter_patience, args.adapter_eval_every,
-                                 args.adapter_confidence)
+            run.hp[family] = hyper(lr)
             out = scores[lr] = run.run(family)
             trials.append({"method": family, "lr": lr, "batch": batch, "val_wauc": out.val_wauc,
                            "epoch": max(out.epochs), "seconds": out.seconds, "seed": run.seed})
             _log(f"seed {run.seed} select {family} lr={lr:g}: val WAUC {_f(out.val_wauc)} "
                  f"(best epochs {out.epochs})")
         best = max(scores, key=lambda k: scores[k].val_wauc)
-        run.hp |= {m: Hyper(best, batch, args.adapter_epochs, args.adapter_patience, args.adapter_eval_every,
-                                 args.adapter_confidence)
-                   for m in members}
+        run.hp |= {m: hyper(best) for m in members}
         run.cached[family] = scores[best]
     return trials
 
