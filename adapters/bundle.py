@@ -87,7 +87,12 @@ class BundleManifest:
     """Per split (``validation``, ``test``): ``auc_backbone``, ``auc_adapter``,
     ``logloss_backbone``, ``logloss_adapter``, ``samples``."""
     data_window: dict[str, str] = field(default_factory=dict)
-    """Training data window, e.g. ``{"start": "2026-10-01", "end": "2026-10-31"}``."""
+    """The data it was trained on: ``window`` (``START..END`` or ``all``) and the datasets by split
+    (``train``, ``validation``, ``test``; or ``all``, one dataset split 9:1). A scheduled retrain
+    rebases a domain added by ``add-domain`` from these."""
+    run: str = ""
+    """The scheduled retrain run that published it ('' for ``adapt`` / ``add-domain``): a resumed
+    run finds what its earlier attempt published and does not publish it again."""
     created_at: str = field(default_factory=utc_now)
     """UTC ISO 8601 creation time."""
     code_version: str = mdlora.__version__

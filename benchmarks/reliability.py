@@ -6,14 +6,16 @@
    completes all its steps, it resumed from the last checkpoint committed before the kill
    (steps lost = k - 1 - resumed step <= ``checkpoint_every``), and every domain's final
    validation AUC is within 0.005 of an undisturbed run with the same seed.
-2. ``pretrain_checkpoint_write_kill``: rank 0 SIGKILLed inside its 2nd checkpoint write
-   (``MDLORA_FAULT_WRITE``, after the shards, before ``train_state.json``); same criteria.
+2. ``pretrain_checkpoint_write_kill``: rank 0 SIGKILLed inside its n-th checkpoint write for
+   n = 2 .. 1 + ``--write-kills`` (``MDLORA_FAULT_WRITE``, after the shards, before
+   ``train_state.json``); same criteria, resumed from checkpoint n - 1.
 3. The reliability tests, each test case one fault instance, rerun in fresh pytest processes
    (``--reps`` times, see :data:`TEST_FILES`; survived = passed): a process killed while writing a checkpoint, a
    backbone, a bundle or the registry index (``test_crash_writes``), the S3 endpoint stopped
    mid-publish (``test_s3_outage``), disk full / permission denied (``test_disk``), 4
    ``mdlora add-domain`` jobs at once (``test_ray_faults``), a second retrain of the same model
-   refused by the lock (``test_retrain_lock``), the bad-input table
+   refused by the lock (``test_retrain_lock``), real retrains killed at two points, failed before the gate
+   and started twice at once (``tests/integration/test_retrain.py``), the bad-input table
    (``test_bad_input``) and the credential checks (``test_security``).
 
 Usage::
@@ -39,14 +41,17 @@ from benchmarks.common import machine, write_results
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_EVERY = 10
 AUC_TOLERANCE = 0.005
-TEST_FILES = {  # fault family -> (test file, repetitions; None: --reps)
-    "crash_while_writing": ("tests/reliability/test_crash_writes.py", None),
-    "s3_endpoint_outage": ("tests/reliability/test_s3_outage.py", None),
-    "disk_full_or_permission": ("tests/reliability/test_disk.py", None),
-    "concurrent_add_domain": ("tests/reliability/test_ray_faults.py", 2),  # ~3 min each on 2 cores
-    "concurrent_retrain_lock": ("tests/reliability/test_retrain_lock.py", None),
-    "bad_input": ("tests/reliability/test_bad_input.py", 1),  # deterministic refusals
-    "security": ("tests/reliability/test_security.py", 1),
+TEST_FILES = {  # fault family -> (test file, repetitions (None: --reps), pytest -k selection)
+    "crash_while_writing": ("tests/reliability/test_crash_writes.py", None, ""),
+    "s3_endpoint_outage": ("tests/reliability/test_s3_outage.py", None, ""),
+    "disk_full_or_permission": ("tests/reliability/test_disk.py", None, ""),
+    "concurrent_add_domain": ("tests/reliability/test_ray_faults.py", 2, ""),  # ~3 min each on 2 cores
+    "concurrent_retrain_lock": ("tests/reliability/test_retrain_lock.py", None, ""),
+    # real retrains: killed after publishing its backbone, killed while publishing its adapters, a
+    # failure before the gate, and a second retrain started while one runs (~5 min on 2 cores)
+    "retrain_killed_or_concurrent": ("tests/integration/test_retrain.py", 1, "killed or failed or at_once"),
+    "bad_input": ("tests/reliability/test_bad_input.py", 1, ""),  # deterministic refusals
+    "security": ("tests/reliability/test_security.py", 1, ""),
 }
 
 
@@ -97,8 +102,9 @@ def kill_points(steps: int, kills: int, seed: int) -> list[int]:
     return sorted(int(rng.choice(spans[i])) for i in rng.choice(len(spans), size=kills, replace=False))
 
 
-def pretrain_faults(work: Path, kills: int, seed: int) -> dict:
-    """Undisturbed run, ``kills`` step kills at distinct random steps, one checkpoint-write kill."""
+def pretrain_faults(work: Path, kills: int, seed: int, write_kills: int = 2) -> dict:
+    """Undisturbed run, ``kills`` step kills at distinct random steps, ``write_kills`` kills
+    inside the 2nd, 3rd, ... checkpoint write."""
     import ray
 
     from embeddings.schema import Schema
@@ -120,12 +126,13 @@ def pretrain_faults(work: Path, kills: int, seed: int) -> dict:
             run.update(fault="worker_kill", kill_step=k, fired=marker.exists(), done_before_kill=k - 1,
                        expected_resume=(k - 1) // CHECKPOINT_EVERY * CHECKPOINT_EVERY)
             runs.append(run)
-        marker = work / "killed-in-checkpoint-write"
-        run = _one_pretrain(logs, work, "kill-rank0-in-2nd-checkpoint-write",
-                            {"MDLORA_FAULT_WRITE": f"train_state.json:2:{marker}"})
-        run.update(fault="checkpoint_write_kill", kill_step=2 * CHECKPOINT_EVERY, fired=marker.exists(),
-                   done_before_kill=2 * CHECKPOINT_EVERY, expected_resume=CHECKPOINT_EVERY)
-        runs.append(run)
+        for n in range(2, 2 + write_kills):  # rank 0 dies inside its n-th checkpoint write
+            marker = work / f"killed-in-checkpoint-write-{n}"
+            run = _one_pretrain(logs, work, f"kill-rank0-in-checkpoint-write-{n}",
+                                {"MDLORA_FAULT_WRITE": f"train_state.json:{n}:{marker}"})
+            run.update(fault="checkpoint_write_kill", kill_step=n * CHECKPOINT_EVERY, fired=marker.exists(),
+                       done_before_kill=n * CHECKPOINT_EVERY, expected_resume=(n - 1) * CHECKPOINT_EVERY)
+            runs.append(run)
     finally:
         ray.shutdown()
     for run in runs:
@@ -148,13 +155,23 @@ def _judge(run: dict, base: dict) -> None:
 def run_test_files(files: dict[str, tuple[str, int | None]], reps: int, work: Path) -> dict:
     """Each test file its repetitions (default ``reps``) in fresh pytest processes; per-case counts."""
     out = {}
-    for family, (path, times) in files.items():
+    for family, (path, times, select) in files.items():
         cases: dict[str, dict] = {}
         t0 = time.time()
         for rep in range(times or reps):
             xml = work / f"{family}-{rep}.xml"
-            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path,
-                            f"--junitxml={xml}"], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+            try:
+                proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path,
+                                       f"--junitxml={xml}", *(["-k", select] if select else [])],
+                                      cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                crash = None if xml.exists() else f"pytest exited {proc.returncode} without a report: {proc.stdout[-300:]}"
+            except subprocess.TimeoutExpired:
+                crash = "timed out after 1800 s"
+            if crash:  # the whole file failed (a crash or a hang): a figure, not a benchmark crash
+                c = cases.setdefault("(whole file)", {"survived": 0, "total": 0, "skipped": 0, "failures": []})
+                c["total"] += 1
+                c["failures"].append(crash)
+                continue
             for case in ET.parse(xml).getroot().iter("testcase"):
                 c = cases.setdefault(case.get("name"), {"survived": 0, "total": 0, "skipped": 0, "failures": []})
                 if case.find("skipped") is not None:
@@ -203,13 +220,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each repeated test file")
     parser.add_argument("--kills", type=int, default=3, help="distinct random kill steps (>= 3)")
+    parser.add_argument("--write-kills", type=int, default=2,
+                        help="runs killed inside a checkpoint write (the 2nd, 3rd, ... write)")
     parser.add_argument("--seed", type=int, default=2026, help="seed of the kill steps")
     parser.add_argument("--out", default=f"benchmarks/results/{time.strftime('%Y-%m-%d')}/reliability.json")
     args = parser.parse_args()
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="mdlora-reliability-") as tmp:
         work = Path(tmp)
-        pretrain = pretrain_faults(work, args.kills, args.seed)
+        pretrain = pretrain_faults(work, args.kills, args.seed, args.write_kills)
         write_results(Path(tmp) / "partial.json", {"pretrain": pretrain}, "")  # kept in the log below
         print({"pretrain": pretrain}, flush=True)
         tests = run_test_files(TEST_FILES, args.reps, work)

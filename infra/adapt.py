@@ -38,7 +38,7 @@ from embeddings.schema import Schema
 from embeddings.tables import build_ebc
 from infra import ray_backend
 from infra.logs import LogDataset
-from infra.pretrain import cache_dir, load_schema, resolve_paths
+from infra.pretrain import cache_dir, check_cpus, load_schema, resolve_paths
 from infra.storage import open_fs
 from mdlora.artifact import read_manifest
 from mdlora.config import from_dict, to_dict
@@ -74,9 +74,9 @@ class BackboneInfo:
 def open_backbone(root: str, model: str, ref: str, cache: str | Path) -> BackboneInfo:
     """Resolve ``backbones/<model>/<ref>`` in the registry at ``root`` to a local, checked copy."""
     registry = Registry(*open_fs(root))
-    path = registry.fetch("backbones", model, ref, cache)
+    version = Path(registry.resolve("backbones", model, ref)).name  # once: an alias may move meanwhile
+    path = registry.fetch("backbones", model, version, cache)
     manifest = read_manifest(str(path))
-    version = Path(registry.resolve("backbones", model, ref)).name
     schema = Schema.load(path / "schema.yaml")
     run = from_dict(RunConfig, json.loads((path / "config.json").read_text()))
     return BackboneInfo(model, version, Path(path), manifest["content_hash"], schema, run)
@@ -133,6 +133,7 @@ def materialise_splits(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema,
                        splits: dict[str, str], domains: list[str], name: str) -> tuple[dict[str, Features], Head]:
     """Run the sharded materialisation job; returns the features per split and the frozen head."""
     ray_backend.init_ray(cfg.dist.address)
+    ray_backend.check_cluster(cfg.dist.world_size, cfg.dist.cpus_per_worker, cfg.dist.device)
     result = ray_backend.run_workers(
         materialise_worker,
         {"adapt": to_dict(cfg), "run": to_dict(backbone.run), "schema": schema.to_dict(),
@@ -198,9 +199,10 @@ def _clean(metrics: dict) -> dict:
 
 
 def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head, results: list[DomainResult],
-            shared: dict, window: dict[str, str], promote_new: bool = True) -> dict[str, dict]:
+            shared: dict, window: dict[str, str], promote_new: bool = True, run: str = "") -> dict[str, dict]:
     """One bundle per domain into the registry; promote where a domain has no production yet
-    (unless ``promote_new`` is False: then no alias but ``latest`` moves)."""
+    (unless ``promote_new`` is False: then no alias but ``latest`` moves). ``run`` is recorded in
+    each manifest (a scheduled retrain's run key)."""
     registry = Registry(*open_fs(cfg.output.root))
     dense = head.param_count()
     lora = to_dict(cfg.lora)
@@ -217,7 +219,7 @@ def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head
             manifest = BundleManifest(
                 domain=r.domain, method=cfg.lora.method, lora=lora, backbone=backbone.ref(),
                 schema_hash=schema.content_hash(), param_count=count, param_share=count / dense,
-                metrics=metrics, data_window=window)
+                metrics=metrics, data_window=window, run=run)
             write_bundle(Path(tmp) / r.domain, tensors, manifest)
             version = registry.publish("adapters", r.domain, Path(tmp) / r.domain)
             promoted = promote_new and "production" not in registry.aliases("adapters", r.domain)
@@ -234,6 +236,8 @@ def production_shared(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema) 
     registry = Registry(*open_fs(cfg.output.root))
     for name in registry.names("adapters"):
         if "production" in registry.aliases("adapters", name):
+            if registry.manifest("adapters", name, "production")["backbone"]["content_hash"] != backbone.content_hash:
+                continue  # serves on another backbone version (kept by a retrain's gate)
             path = registry.fetch("adapters", name, "production", _cache_dir(cfg))
             tensors, manifest = load_bundle(path, expect_backbone_hash=backbone.content_hash,
                                             expect_schema_hash=schema.content_hash())
@@ -245,8 +249,13 @@ def production_shared(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema) 
 # ---- entry points -----------------------------------------------------------------------------
 
 
+class NoTrainingRows(ValueError):
+    """None of the domains to train has a training row (in ``data.window``)."""
+
+
 def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, splits: dict[str, str],
-         domains: list[str], shared: dict | None, seed_split: bool, promote_new: bool = True) -> dict:
+         domains: list[str], shared: dict | None, seed_split: bool, promote_new: bool = True,
+         run: str = "") -> dict:
     t0 = time.time()
     name = f"adapt-{cfg.output.model}-{int(t0)}-{uuid.uuid4().hex[:8]}"  # concurrent jobs: own run dirs
     feats, head = materialise_splits(cfg, backbone, schema, splits, domains, name)
@@ -257,12 +266,13 @@ def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, splits: dict[
     empty = sorted(d for d, n in counts.items() if n == 0)
     trained = [d for d in domains if counts[d] > 0]
     if not trained:
-        raise ValueError(f"no training rows for any of the domains {domains} in {splits}")
+        raise NoTrainingRows(f"no training rows for any of the domains {domains} in {splits}"
+                             + (f" in the window {cfg.data.window}" if cfg.data.window else ""))
     results, shared_out = train_domains(cfg, head, schema, trained, feats, shared)
     t2 = time.time()
     window = {"window": cfg.data.window or "all", **splits}
     bundles = publish(cfg, backbone, schema, head, results, shared_out if shared is None else shared, window,
-                      promote_new)
+                      promote_new, run)
     return {"backbone": {"name": backbone.name, "version": backbone.version, "content_hash": backbone.content_hash},
             "method": cfg.lora.method, "bundles": bundles, "skipped_no_rows": empty,
             "rows": {s: len(f) for s, f in feats.items()},
@@ -276,14 +286,26 @@ def _cache_dir(cfg: AdaptConfig) -> Path:
 
 def _prepare(cfg: AdaptConfig) -> tuple[AdaptConfig, BackboneInfo]:
     cfg = resolve_paths(cfg)
+    check_cpus(cfg.dist)  # before Ray starts: an embedded Ray would wait forever
     return cfg, open_backbone(cfg.output.root, cfg.output.model, cfg.output.backbone, _cache_dir(cfg))
 
 
-def adapt(cfg: AdaptConfig, domains: list[str] | None = None, *, promote_new: bool = True) -> dict:
+def adapt(cfg: AdaptConfig, domains: list[str] | None = None, *, promote_new: bool = True, run: str = "",
+          shared: dict | None = None) -> dict:
     """Train and publish adapters of ``domains`` (default ``data.domains``, else every domain).
 
-    ``promote_new=False`` publishes without promoting domains that have no production bundle yet
-    (scheduled retrain promotes only after its gate).
+    Args:
+        cfg: the adapt config.
+        domains: the domains to train (names of the backbone schema's vocabulary).
+        promote_new: False publishes without promoting domains that have no production bundle
+            yet (a scheduled retrain promotes only after its gate).
+        run: recorded in every manifest (a scheduled retrain's run key).
+        shared: MultiLoRA: a frozen aux LoRA state to train against (a resumed retrain's first
+            bundles'); None trains it jointly.
+
+    Returns:
+        ``{"backbone", "method", "bundles": {domain: {"version", ...}}, "skipped_no_rows", "rows",
+        "seconds"}``.
     """
     cfg, backbone = _prepare(cfg)
     schema = _schema(cfg, backbone)
@@ -292,26 +314,58 @@ def adapt(cfg: AdaptConfig, domains: list[str] | None = None, *, promote_new: bo
         schema.domain.index(d)  # ValueError naming an unknown domain
     splits = {"train": cfg.data.train} | ({"validation": cfg.data.val} if cfg.data.val else {}) \
         | ({"test": cfg.data.test} if cfg.data.test else {})
-    return _run(cfg, backbone, schema, splits, domains, None, False, promote_new)
+    return _run(cfg, backbone, schema, splits, domains, shared, False, promote_new, run)
 
 
-def add_domain(cfg: AdaptConfig, domain: str, data: str) -> dict:
-    """Train and publish the adapter of one new domain from its logs at ``data``.
+def domain_splits(data: str) -> dict[str, str]:
+    """The datasets of a new domain's logs at ``data``: its ``train/`` (+ ``val/``, ``test/``)
+    subdirectories as ``{"train", "validation", "test"}``, or ``{"all": data}`` (one dataset).
 
-    ``data`` holds ``train/`` (+ optional ``val/``, ``test/``) subdirectories, or is one dataset
-    whose rows are split 9:1 into train/validation by ``loop.seed``. The domain vocabulary is
-    extended by ``domain``; no other bundle and not the backbone is written.
+    Raises:
+        FileNotFoundError: ``data`` does not exist.
     """
-    cfg, backbone = _prepare(cfg)
-    schema = _schema(cfg, backbone).with_domains([domain])
     data = data if "://" in data else str(Path(data).resolve())
     fs, path = open_fs(data)
     if not fs.exists(path):
         raise FileNotFoundError(f"{data}: no such dataset")
     sub = {s: f"{data}/{d}" for s, d in (("train", "train"), ("validation", "val"), ("test", "test"))
            if fs.exists(f"{path}/{d}")}
-    shared = production_shared(cfg, backbone, schema) if cfg.lora.method == "multilora" else None
-    if "train" in sub:
-        return _run(cfg, backbone, schema, sub, [domain], shared, False)
-    return _run(cfg, backbone, schema, {"all": data}, [domain], shared, True)
+    return sub if "train" in sub else {"all": data}
+
+
+def add_domain(cfg: AdaptConfig, domain: str, data: str | dict[str, str], *, promote_new: bool = True,
+               run: str = "", shared: dict | None = None) -> dict:
+    """Train and publish the adapter of one new domain from its logs.
+
+    The domain vocabulary is extended by ``domain``; no other bundle and not the backbone is
+    written.
+
+    Args:
+        cfg: the adapt config (``output.backbone``: the backbone to train on).
+        domain: the new domain's name.
+        data: a directory with ``train/`` (+ optional ``val/``, ``test/``), or one dataset whose
+            rows are split 9:1 into train/validation by ``loop.seed``; or those datasets by split
+            as :func:`domain_splits` returns them (and bundles record them).
+        promote_new: as in :func:`adapt`.
+        run: as in :func:`adapt`.
+        shared: MultiLoRA: the frozen aux LoRA state; None takes the production bundles' that
+            run on this backbone (or trains one when there are none).
+
+    Returns:
+        As :func:`adapt`.
+
+    Raises:
+        FileNotFoundError: a dataset does not exist.
+        NoTrainingRows: the domain has no training row (in ``data.window``).
+    """
+    cfg, backbone = _prepare(cfg)
+    schema = _schema(cfg, backbone).with_domains([domain])
+    splits = domain_splits(data) if isinstance(data, str) else data
+    for uri in splits.values():
+        fs, path = open_fs(uri)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"{uri}: no such dataset")
+    if shared is None and cfg.lora.method == "multilora":
+        shared = production_shared(cfg, backbone, schema)
+    return _run(cfg, backbone, schema, splits, [domain], shared, "all" in splits, promote_new, run)
 

@@ -36,7 +36,7 @@ from mdlora import __version__
 from mdlora.artifact import seal
 from mdlora.atomic import write_json
 from mdlora.config import ConfigError, from_dict, to_dict
-from trainer.config import RunConfig
+from trainer.config import DistConfig, RunConfig
 from trainer.loop import Hooks, train
 from trainer.recipes import STATE_FILE, setup_pretrain
 
@@ -93,14 +93,14 @@ def preflight(cfg: RunConfig, schema: Schema, logs: list[LogDataset]) -> None:
         ValueError: naming the config key, table, file, column or value at fault.
     """
     d = cfg.dist
-    need, have = d.world_size * d.cpus_per_worker, os.cpu_count() or 1
-    if d.device == "cpu" and not (d.address or os.environ.get("RAY_ADDRESS")) and need > have:
-        raise ValueError(f"dist.world_size: {d.world_size} workers x {d.cpus_per_worker} CPUs need {need} "
-                         f"CPUs, this machine has {have}; lower it or set dist.address to a Ray cluster")
+    check_cpus(d)
     ebc = build_ebc(schema)  # meta: nothing is allocated
     sharding.apply_sparse_optimizer(ebc, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, d.device)
-    sharding.plan_for(ebc, d.world_size, d.device, hbm_gb=d.hbm_gb, sharding_types=d.sharding_types,
-                      table_sharding=d.table_sharding, batch_size=max(1, cfg.data.batch_size // d.world_size))
+    try:
+        sharding.plan_for(ebc, d.world_size, d.device, hbm_gb=d.hbm_gb, sharding_types=d.sharding_types,
+                          table_sharding=d.table_sharding, batch_size=max(1, cfg.data.batch_size // d.world_size))
+    except sharding.ShardShapeError as e:
+        raise sharding.ShardShapeError(f"{cfg.data.schema}: {e}") from None
     for data in logs:
         if data.missing_columns:
             raise LogValidationError(f"{data.uri}: missing column {data.missing_columns[0]!r} "
@@ -109,6 +109,22 @@ def preflight(cfg: RunConfig, schema: Schema, logs: list[LogDataset]) -> None:
             problems = find_problems(schema, next(iter(data.read_piece(piece))))
             if problems:
                 raise LogValidationError(problems[0].message(piece.path))
+
+
+def check_cpus(d: DistConfig) -> None:
+    """Refuse ``dist.world_size`` x ``dist.cpus_per_worker`` beyond this machine's CPUs when Ray
+    is embedded (Ray Train would wait forever for CPUs that never come).
+
+    A cluster (``dist.address`` / ``RAY_ADDRESS``) is not checked here: its autoscaler adds
+    nodes when the job asks for more CPUs than it has (:func:`infra.ray_backend.check_cluster`).
+
+    Raises:
+        ValueError: naming ``dist.world_size``, the CPUs needed and the CPUs there are.
+    """
+    need, have = d.world_size * d.cpus_per_worker, os.cpu_count() or 1
+    if d.device == "cpu" and not (d.address or os.environ.get("RAY_ADDRESS")) and need > have:
+        raise ValueError(f"dist.world_size: {d.world_size} workers x {d.cpus_per_worker} CPUs need {need} "
+                         f"CPUs, this machine has {have}; lower it or set dist.address to a Ray cluster")
 
 
 def worker(config: dict) -> None:
@@ -169,8 +185,14 @@ def _inject_fault(batches, spec: str, rank: int, first_step: int):
 def pretrain(cfg: RunConfig, *, run_name: str | None = None) -> dict:
     """Train the backbone on ``cfg.dist.world_size`` workers and publish it; returns a summary.
 
+    Args:
+        cfg: the run config.
+        run_name: the Ray Train run (its checkpoints under ``output.run_dir``; a rerun of the
+            same name resumes from them) and, when given, the ``run`` recorded in the published
+            manifest (see :func:`find_published`).
+
     Returns:
-        ``{"name", "version", "path", "content_hash", "metrics", "seconds"}``.
+        ``{"name", "version", "path", "content_hash", "metrics", "step", "seconds"}``.
     """
     cfg = resolve_paths(cfg)
     schema = load_schema(cfg.data.schema)
@@ -181,10 +203,7 @@ def pretrain(cfg: RunConfig, *, run_name: str | None = None) -> dict:
     init = warm_start(cfg, schema)
     t0 = time.time()
     ray_backend.init_ray(cfg.dist.address)
-    need = cfg.dist.world_size * cfg.dist.cpus_per_worker
-    if cfg.dist.device == "cpu" and ray_backend.available_cpus() < need:
-        raise ValueError(f"dist.world_size: {cfg.dist.world_size} workers x {cfg.dist.cpus_per_worker} CPUs "
-                         f"need {need} CPUs, the Ray cluster has {ray_backend.available_cpus()}")
+    ray_backend.check_cluster(cfg.dist.world_size, cfg.dist.cpus_per_worker, cfg.dist.device)
     result = ray_backend.run_workers(
         worker, {"run": to_dict(cfg), "fault": os.environ.get("MDLORA_FAULT_KILL", ""),
                  "fault_write": os.environ.get("MDLORA_FAULT_WRITE", ""), "init": init}, world_size=cfg.dist.world_size, device=cfg.dist.device,
@@ -195,7 +214,7 @@ def pretrain(cfg: RunConfig, *, run_name: str | None = None) -> dict:
     try:
         if result.checkpoint is None:
             raise RuntimeError("training finished without a checkpoint")
-        summary = publish_backbone(cfg, schema, result.checkpoint)
+        summary = publish_backbone(cfg, schema, result.checkpoint, run=run_name or "")
     finally:
         shutil.rmtree(result.workdir, ignore_errors=True)
     summary["seconds"] = round(time.time() - t0, 1)
@@ -234,8 +253,25 @@ def warm_start(cfg: RunConfig, schema: Schema) -> str:
     return str(path)
 
 
-def publish_backbone(cfg: RunConfig, schema: Schema, checkpoint: Path) -> dict:
-    """Publish a checkpoint dir as ``backbones/<model>/vNNNN`` with its manifest (written last)."""
+def find_published(cfg: RunConfig, run: str) -> dict | None:
+    """The summary (as :func:`pretrain` returns it) of the backbone published by the run named
+    ``run``, or None: a job that died after publishing, rerun, takes it instead of training and
+    publishing a second version."""
+    registry = Registry(*open_fs(cfg.output.root))
+    model = cfg.output.model
+    version = registry.find("backbones", model, "run", run) if run else None
+    if version is None:
+        return None
+    manifest = registry.manifest("backbones", model, version)
+    metrics = json.loads(registry.read_text("backbones", model, version, "metrics.json"))
+    log.info("backbone %s %s was already published by run %s: reusing it", model, version, run)
+    return {"name": model, "version": version, "path": registry.resolve("backbones", model, version),
+            "content_hash": manifest["content_hash"], "metrics": metrics["final"], "step": manifest["step"]}
+
+
+def publish_backbone(cfg: RunConfig, schema: Schema, checkpoint: Path, run: str = "") -> dict:
+    """Publish a checkpoint dir as ``backbones/<model>/vNNNN`` with its manifest (written last);
+    ``run`` (the run's name) is recorded in the manifest for :func:`find_published`."""
     state = json.loads((checkpoint / STATE_FILE).read_text())
     schema.dump(checkpoint / "schema.yaml")
     write_json(checkpoint / "config.json", to_dict(cfg))
@@ -245,7 +281,7 @@ def publish_backbone(cfg: RunConfig, schema: Schema, checkpoint: Path) -> dict:
     manifest = seal(checkpoint, {
         "format_version": 1, "kind": "backbone", "name": cfg.output.model,
         "schema_hash": schema.content_hash(), "code_version": __version__,
-        "data_window": cfg.data.window, "step": state["step"],
+        "data_window": cfg.data.window, "step": state["step"], "run": run,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     content_hash = manifest["content_hash"]

@@ -28,6 +28,8 @@ from trainer.env import DistEnv
 log = logging.getLogger("mdlora.ray")
 WORKER_NICENESS = 0
 """Niceness of the workers of an embedded Ray (Ray's own default is 15)."""
+_EMBEDDED = [False]
+"""Whether :func:`init_ray` started this process's Ray itself (else it joined a cluster)."""
 
 
 @dataclass
@@ -49,6 +51,7 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
+    _EMBEDDED[0] = not address
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
@@ -196,6 +199,28 @@ def map_tasks(fn: Callable, items: list, num_cpus: int = 1) -> list:
 
     remote = ray.remote(num_cpus=num_cpus, max_retries=1)(fn)
     return ray.get([remote.remote(item) for item in items])
+
+
+def check_cluster(world_size: int, cpus_per_worker: int, device: str) -> None:
+    """Refuse a CPU job an embedded Ray cannot place; on a cluster, warn and let it wait.
+
+    A joined cluster (``dist.address`` / ``RAY_ADDRESS``: KubeRay, the cluster launcher) may
+    autoscale: a job asking for more CPUs than it has now is what makes it add nodes, so refusing
+    it would make a scaled-down cluster refuse every nightly retrain.
+
+    Raises:
+        ValueError: the embedded Ray has fewer CPUs than ``world_size`` x ``cpus_per_worker``.
+    """
+    import ray
+
+    need, have = world_size * cpus_per_worker, available_cpus()
+    if device != "cpu" or have >= need:
+        return
+    if _EMBEDDED[0]:
+        raise ValueError(f"dist.world_size: {world_size} workers x {cpus_per_worker} CPUs need {need} CPUs, "
+                         f"the embedded Ray has {have}")
+    log.warning("the Ray cluster at %s has %d CPUs now, this job needs %d: it waits until the cluster's "
+                "autoscaler adds nodes", ray.get_runtime_context().gcs_address, have, need)
 
 
 def available_cpus() -> int:

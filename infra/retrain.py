@@ -6,15 +6,19 @@ the last recorded stage, so no stage publishes twice):
 1. **Backbone.** Pretrain on the window, warm-started from the production backbone
    (``model.init_from``, same architecture), and publish it as a new version: ``latest``, not
    ``production``.
-2. **Rebase.** Train a fresh adapter of every domain of the new backbone's vocabulary against it
-   (``infra.adapt``: materialise, train, publish without promoting). Adapters pinned to the old
-   backbone are never loaded on the new one: bundles pin their backbone's content hash.
+2. **Rebase.** Train a fresh adapter of every domain against the new backbone and publish it
+   without promoting (``infra.adapt``): the domains of the new backbone's vocabulary on the
+   window's logs, and every domain added by ``add-domain`` (a production bundle of this model,
+   outside the vocabulary) on the logs its bundle records (``data_window``), in the same window.
+   Adapters pinned to the old backbone are never loaded on the new one: bundles pin their
+   backbone's content hash.
 3. **Gate.** Score the fixed holdout ``gate.holdout`` with the champion (each domain's production
    bundle on the backbone it pins; a domain without one: the production backbone) and with the
    challenger (the new bundles on the new backbone), exact per-domain metrics
-   (``trainer.metrics``). A domain is promoted when its challenger is not worse than its champion
-   by more than ``gate.tolerance``; a domain without a challenger or without holdout rows keeps
-   its champion.
+   (``trainer.metrics``). An added domain without rows in ``gate.holdout`` is scored on the test
+   split its logs have instead. A domain is promoted when its challenger is not worse than its
+   champion by more than ``gate.tolerance``; a domain without a challenger or without holdout
+   rows keeps its champion.
 4. **Promote**, the only alias moves, all at the end: the promoted domains' bundles, then the
    backbone's ``production`` when at least one domain was promoted. A kept domain stays on its
    bundle pinned to the old backbone and ``infra.score.Scorer`` serves it on that backbone, so
@@ -24,9 +28,12 @@ the last recorded stage, so no stage publishes twice):
 5. **Report** ``report.md``, then ``report.json`` last: its presence marks the run done.
 
 Idempotency: the run record lives in the registry, ``<root>/retrain/<model>/<START>_<END>-<key>/``
-with ``key`` a hash of (model, window, config). Rerunning a finished run returns its recorded
-report and creates nothing. A failed run leaves every ``production`` alias untouched (its
-published versions stay ``latest`` only); its rerun reuses them.
+with ``key`` a hash of (model, window, config but ``lock_ttl``). Rerunning a finished run returns
+its recorded report and creates nothing. A failed run leaves every ``production`` alias untouched
+(its published versions stay ``latest`` only); its rerun reuses them: what a stage finished is in
+``state.json``, and every version the run publishes records the run (manifest ``run``), so a run
+killed after publishing but before recording finds its backbone and bundles again instead of
+publishing them twice.
 
 Lock: one retrain per model at a time (:class:`RetrainLock`); a second one is refused with
 :class:`RetrainLocked` naming the holder.
@@ -36,163 +43,29 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import socket
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from adapters.registry import Registry, _precondition_failed
-from infra.adapt import adapt, open_backbone
-from infra.pretrain import cache_dir, pretrain, resolve_paths
+from safetensors.torch import load_file
+
+from adapters.bundle import WEIGHTS, BundleManifest
+from adapters.registry import Registry
+from embeddings.batch import LogValidationError
+from infra.adapt import SHARED, NoTrainingRows, adapt, add_domain, open_backbone
+from infra.pretrain import cache_dir, find_published, pretrain, resolve_paths
+from infra.retrain_lock import RetrainLock, now
 from infra.score import Scorer
 from infra.storage import is_s3, open_fs
 from mdlora.atomic import write_bytes
 from mdlora.config import to_dict
-from mdlora.names import check_name
 from trainer.config import AdaptOutputConfig, RetrainConfig
 
 log = logging.getLogger("mdlora.retrain")
-
-
-class RetrainLocked(RuntimeError):
-    """Another retrain of the same model holds the lock, or this run lost it."""
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-class RetrainLock:
-    """Exclusive lock on the retrains of ``model`` in the registry at ``root``.
-
-    * **Local** registries: ``fcntl.flock`` on ``<root>/retrain/<model>/.lock`` (as the registry
-      serialises its alias updates). The kernel releases it when the holder exits or dies, so a
-      crashed run never leaves a stale lock; the file names the last holder, nothing more.
-    * **S3** registries: a lease object ``<root>/retrain/<model>/lock.json`` created with
-      ``If-None-Match: *``; the holder renews its ``expires`` every ``ttl / 3`` seconds with
-      ``If-Match`` on its ETag (the registry's compare-and-swap). A lease past ``expires`` (its
-      holder crashed) is taken over with ``If-Match`` on the stale ETag. To recover a crashed
-      holder's lease before it expires, delete ``lock.json`` (after checking the holder it names
-      is gone). A holder whose lease was taken over fails in :meth:`check`, before any alias moves.
-
-    Args:
-        root: registry root (local dir or s3://).
-        model: backbone name.
-        owner: what to tell a refused retrain about this holder (run, window).
-        ttl: S3 lease seconds.
-    """
-
-    def __init__(self, root: str, model: str, owner: dict, ttl: float) -> None:
-        self.fs, base = open_fs(root)
-        self.local = not is_s3(root)
-        self.path = f"{base.rstrip('/')}/retrain/{check_name(model, 'model')}/" + (".lock" if self.local else "lock.json")
-        self.uri = self.path if self.local else self.fs.unstrip_protocol(self.path)
-        self.owner = {**owner, "host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
-        self.ttl = ttl
-        self._file, self._etag, self._lost = None, None, None
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-
-    def _refuse(self, holder: str) -> RetrainLocked:
-        how = ("it is released when that process exits" if self.local else
-               f"the lease expires unless renewed (ttl {self.ttl:.0f} s); if its holder is gone, delete {self.uri}")
-        return RetrainLocked(f"another retrain of this model is running: lock {self.uri} is held by {holder} ({how})")
-
-    def acquire(self) -> None:
-        """Take the lock or raise :class:`RetrainLocked` naming the holder."""
-        if self.local:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.path, "a+")  # held open (and locked) until release()
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                f.close()
-                raise self._refuse(holder) from None
-            f.truncate(0)
-            f.write(json.dumps(self.owner))
-            f.flush()
-            self._file = f
-            return
-        try:
-            self.fs.pipe_file(self.path, self._lease(), mode="create")
-        except OSError as e:
-            if not _precondition_failed(e):
-                raise
-            self._take_over()
-        self._etag = self._current_etag()
-        self._beat = threading.Thread(target=self._renew, name="retrain-lock", daemon=True)
-        self._beat.start()
-
-    def _lease(self) -> bytes:
-        return json.dumps({**self.owner, "expires": time.time() + self.ttl}).encode()
-
-    def _current_etag(self) -> str | None:
-        self.fs.invalidate_cache(self.path)
-        try:
-            return self.fs.info(self.path)["ETag"]
-        except FileNotFoundError:
-            return None
-
-    def _take_over(self) -> None:
-        """Replace an expired S3 lease (compare-and-swap on its ETag) or refuse."""
-        etag = self._current_etag()
-        holder = json.loads(self.fs.cat_file(self.path)) if etag else {}
-        if etag and holder.get("expires", 0) > time.time():
-            raise self._refuse(json.dumps(holder))
-        try:
-            if etag is None:
-                self.fs.pipe_file(self.path, self._lease(), mode="create")
-            else:
-                self.fs.pipe_file(self.path, self._lease(), IfMatch=etag)
-        except OSError as e:
-            if not _precondition_failed(e):
-                raise
-            raise self._refuse("a retrain that took the expired lease first") from None
-        log.warning("took over the expired retrain lock %s of %s", self.uri, holder)
-
-    def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                self.fs.pipe_file(self.path, self._lease(), IfMatch=self._etag)
-                self._etag = self._current_etag()
-            except OSError as e:
-                self._lost = e
-                return
-
-    def check(self) -> None:
-        """Raise :class:`RetrainLocked` when this holder no longer owns the lock (S3)."""
-        if self.local:
-            return
-        if self._lost is not None or self._current_etag() != self._etag:
-            raise RetrainLocked(f"lost the retrain lock {self.uri} (taken over or deleted); nothing promoted")
-
-    def release(self) -> None:
-        """Release the lock (S3: delete the lease if it is still ours)."""
-        if self.local:
-            if self._file is not None:
-                fcntl.flock(self._file, fcntl.LOCK_UN)
-                self._file.close()
-            return
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join()
-        if self._lost is None and self._current_etag() == self._etag:
-            self.fs.rm_file(self.path)
-
-    def __enter__(self) -> RetrainLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 class Record:
@@ -257,7 +130,8 @@ def retrain(cfg: RetrainConfig, window: str) -> dict:
     if not is_s3(cfg.gate.holdout):
         cfg.gate.holdout = os.path.abspath(cfg.gate.holdout)
     root, model = cfg.pretrain.output.root, cfg.pretrain.output.model
-    key = hashlib.sha256(json.dumps({"model": model, "window": f"{start}..{end}", "config": to_dict(cfg)},
+    config = {k: v for k, v in to_dict(cfg).items() if k != "lock_ttl"}  # operational, not the model's
+    key = hashlib.sha256(json.dumps({"model": model, "window": f"{start}..{end}", "config": config},
                                     sort_keys=True).encode()).hexdigest()[:12]
     record = Record(root, model, f"{start}_{end}-{key}")
     with RetrainLock(root, model, {"run": record.name, "window": window}, cfg.lock_ttl) as lock:
@@ -274,23 +148,18 @@ def _run(cfg: RetrainConfig, window: str, record: Record, lock: RetrainLock) -> 
     fs, path = open_fs(cfg.gate.holdout)
     if not fs.exists(path):
         raise FileNotFoundError(f"gate.holdout: {cfg.gate.holdout}: no such dataset")
-    state = record.read("state.json") or {"run": record.name, "window": window, "started_at": _now()}
+    state = record.read("state.json") or {"run": record.name, "window": window, "started_at": now()}
     champion = open_backbone(root, model, state.get("champion", {}).get("version", "production"), cache)
     state["champion"] = {"version": champion.version, "content_hash": champion.content_hash}
+    tag = f"retrain-{model}-{record.name}"  # the Ray Train run, and ``run`` in what it publishes
     if "backbone" not in state:
         run = copy.deepcopy(p)
         run.data.window, run.model = window, replace(champion.run.model, init_from=champion.version)
-        out = pretrain(run, run_name=f"retrain-{model}-{record.name}")
+        out = find_published(run, tag) or pretrain(run, run_name=tag)
         state["backbone"] = {k: out[k] for k in ("version", "content_hash", "step", "metrics")}
         record.write("state.json", state)
     if "adapters" not in state:
-        acfg = copy.deepcopy(cfg.adapt)
-        acfg.data = replace(acfg.data, schema=p.data.schema, train=p.data.train, val=p.data.val, window=window)
-        acfg.output = AdaptOutputConfig(root=root, model=model, run_dir=p.output.run_dir,
-                                        backbone=state["backbone"]["version"])
-        out = adapt(acfg, promote_new=False)
-        state["adapters"] = {d: b["version"] for d, b in out["bundles"].items()}
-        state["skipped_no_rows"] = out["skipped_no_rows"]
+        state.update(rebase(cfg, state["backbone"]["version"], window, tag, cache))
         record.write("state.json", state)
     if "domains" not in state:
         state["domains"] = evaluate(cfg, state, record, cache)
@@ -305,13 +174,83 @@ def _run(cfg: RetrainConfig, window: str, record: Record, lock: RetrainLock) -> 
     report = {**state, "model": model, "run_key": record.name, "gate": to_dict(cfg.gate),
               "promoted": promoted, "backbone_promoted": bool(promoted),
               "production_backbone": registry.aliases("backbones", model)["production"],
-              "finished_at": _now(), "seconds": round(time.time() - t0, 1), "record": record.uri(""),
+              "finished_at": now(), "seconds": round(time.time() - t0, 1), "record": record.uri(""),
               "rerun": False}
     record.write("report.md", markdown(report))
     record.write("report.json", report)
     log.info("retrain %s: promoted %s; backbone production %s", record.name, promoted or "nothing",
              report["production_backbone"])
     return report
+
+
+def added_domains(registry: Registry, model: str, vocabulary: list[str]) -> dict[str, BundleManifest]:
+    """Domains added by ``add-domain``: a production bundle on a ``model`` backbone, outside
+    ``vocabulary`` (the backbone schema's domains); their production manifests."""
+    out = {}
+    for d in registry.names("adapters"):
+        if d in vocabulary or "production" not in registry.aliases("adapters", d):
+            continue
+        manifest = BundleManifest.from_dict(registry.manifest("adapters", d, "production"), source=f"adapters/{d}")
+        if manifest.backbone.name == model:
+            out[d] = manifest
+    return out
+
+
+def rebase(cfg: RetrainConfig, version: str, window: str, tag: str, cache: Path) -> dict:
+    """Stage 2: an adapter of every domain on backbone ``version``, published unpromoted with
+    ``run = tag``; bundles an earlier attempt of the run published are reused.
+
+    Returns:
+        ``{"adapters": {domain: version}, "skipped_no_rows": [domain], "not_rebased": {domain:
+        reason}, "holdouts": {added domain: its test split or ''}}``.
+    """
+    p = cfg.pretrain
+    root, model = p.output.root, p.output.model
+    acfg = copy.deepcopy(cfg.adapt)
+    acfg.data = replace(acfg.data, schema=p.data.schema, train=p.data.train, val=p.data.val, window=window)
+    acfg.output = AdaptOutputConfig(root=root, model=model, run_dir=p.output.run_dir, backbone=version)
+    registry = Registry(*open_fs(root))
+    wanted = set(acfg.data.domains or [])
+    vocabulary = open_backbone(root, model, version, cache).schema.domain.values
+    natural = [d for d in vocabulary if not wanted or d in wanted]
+    added = {d: m for d, m in added_domains(registry, model, vocabulary).items() if not wanted or d in wanted}
+    done = {d: v for d in natural + list(added) if (v := registry.find("adapters", d, "run", tag))}
+    out = {"adapters": dict(done), "skipped_no_rows": [], "not_rebased": {},
+           "holdouts": {d: m.data_window.get("test", "") for d, m in added.items()}}
+    if done:
+        log.info("retrain %s: reusing the bundles it already published: %s", tag, done)
+
+    def shared() -> dict | None:
+        """MultiLoRA: the aux LoRA state of this run's bundles (None: none yet, train it)."""
+        if acfg.lora.method != "multilora" or not out["adapters"]:
+            return None
+        d, v = next(iter(sorted(out["adapters"].items())))
+        tensors = load_file(str(registry.fetch("adapters", d, v, cache) / WEIGHTS))
+        return {k[len(SHARED):]: t for k, t in tensors.items() if k.startswith(SHARED)}
+
+    todo = [d for d in natural if d not in done]
+    if todo:
+        r = adapt(acfg, todo, promote_new=False, run=tag, shared=shared())
+        out["adapters"] |= {d: b["version"] for d, b in r["bundles"].items()}
+        out["skipped_no_rows"] += r["skipped_no_rows"]
+    for d, m in sorted(added.items()):
+        if d in done:
+            continue
+        splits = {k: v for k, v in m.data_window.items() if k in ("train", "validation", "test", "all")}
+        if not splits:
+            out["not_rebased"][d] = "its production bundle records no training logs"
+            continue
+        try:
+            r = add_domain(acfg, d, splits, promote_new=False, run=tag, shared=shared())
+        except NoTrainingRows:
+            out["skipped_no_rows"].append(d)
+            continue
+        except (FileNotFoundError, LogValidationError) as e:  # its logs went away or cannot be windowed
+            log.warning("retrain %s: added domain %s not rebased: %s", tag, d, e)
+            out["not_rebased"][d] = f"not rebased: {e}"
+            continue
+        out["adapters"][d] = r["bundles"][d]["version"]
+    return out
 
 
 def evaluate(cfg: RetrainConfig, state: dict, record: Record, cache: Path) -> dict[str, dict]:
@@ -321,10 +260,17 @@ def evaluate(cfg: RetrainConfig, state: dict, record: Record, cache: Path) -> di
     challenger = Scorer(root, model, state["backbone"]["version"], bundles=state["adapters"], cache_dir=cache)
     old = champion.score_dataset(cfg.gate.holdout, record.uri("champion.parquet"))["domains"]
     new = challenger.score_dataset(cfg.gate.holdout, record.uri("challenger.parquet"))["domains"]
+    holdout = {d: cfg.gate.holdout for d in set(old) | set(new)}
+    for d, test in sorted(state.get("holdouts", {}).items()):  # added domains: their own test split
+        if test and d not in holdout and d in state["adapters"]:
+            old[d] = champion.score_dataset(test, record.uri(f"champion-{d}.parquet"))["domains"].get(d, {})
+            new[d] = challenger.score_dataset(test, record.uri(f"challenger-{d}.parquet"))["domains"].get(d, {})
+            holdout[d] = test
     out = {}
     for d in sorted(set(old) | set(champion.versions) | set(state["adapters"])):
-        out[d] = {"champion": _side(champion, old, d), "challenger": _side(challenger, new, d)}
-        out[d]["decision"], out[d]["reason"] = _decide(cfg, out[d], d in state["skipped_no_rows"])
+        out[d] = {"champion": _side(champion, old, d), "challenger": _side(challenger, new, d),
+                  "holdout": holdout.get(d, "")}
+        out[d]["decision"], out[d]["reason"] = _decide(cfg, out[d], state, d)
     return out
 
 
@@ -335,15 +281,18 @@ def _side(scorer: Scorer, scores: dict, domain: str) -> dict:
             "rows": r.get("rows", 0), "auc": r.get("auc"), "logloss": r.get("logloss")}
 
 
-def _decide(cfg: RetrainConfig, r: dict, no_rows: bool) -> tuple[str, str]:
+def _decide(cfg: RetrainConfig, r: dict, state: dict, domain: str) -> tuple[str, str]:
     """``("promote" | "keep", reason)`` of one domain."""
     metric, tol = cfg.gate.metric, cfg.gate.tolerance
     a, b = r["champion"][metric], r["challenger"][metric]
     if r["challenger"]["adapter"] is None:
-        return "keep", ("no training rows in the window" if no_rows
-                        else "not rebased (outside the new backbone's domains or adapt.data.domains)")
+        if domain in state["skipped_no_rows"]:
+            return "keep", "no training rows in the window"
+        return "keep", state.get("not_rebased", {}).get(
+            domain, "not rebased (outside the new backbone's domains or adapt.data.domains)")
     if r["challenger"]["rows"] == 0:
-        return "keep", "no holdout rows"
+        return "keep", "no holdout rows" + ("" if domain not in state.get("holdouts", {})
+                                             else " (not in gate.holdout, and its logs have no test split)")
     if a is None or b is None:
         return "keep", f"holdout {metric} undefined (one class only)"
     bound = a - tol if metric == "auc" else a + tol  # AUC: higher is better; LogLoss: lower
@@ -370,4 +319,10 @@ def markdown(report: dict) -> str:
         name = lambda s: f"{s['adapter'] or 'backbone only'} @ {s['backbone']}"  # noqa: E731
         lines.append(f"| {d} | {old['rows']:,} | {name(old)} | {f(old['auc'])} | {f(old['logloss'])} | {name(new)} | "
                      f"{f(new['auc'])} | {f(new['logloss'])} | {r['decision']} | {r['reason']} |")
+    own = {d: r["holdout"] for d, r in report["domains"].items()
+           if r.get("holdout") and r["holdout"] != report["gate"]["holdout"]}
+    if own:
+        lines += ["", "Domains added by `add-domain` are rebased on their own logs; those without rows in "
+                  "the holdout were gated on their own test split:", ""]
+        lines += [f"- {d}: `{path}`" for d, path in sorted(own.items())]
     return "\n".join(lines) + "\n"

@@ -22,7 +22,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load config, run :func:`infra.retrain.retrain`, print the per-domain decisions."""
     from infra.log import setup_logging
-    from infra.retrain import RetrainLocked, retrain
+    from infra.retrain import retrain
+    from infra.retrain_lock import RetrainLocked
     from trainer.config import load_retrain_config
 
     setup_logging()

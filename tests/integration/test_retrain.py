@@ -1,10 +1,22 @@
-"""Scheduled retrain on two consecutive windows (real Ray, synthetic logs): gate, idempotency,
-a failure that leaves production untouched, and scoring after a partial promotion."""
+"""Scheduled retrain on two consecutive windows (real Ray, synthetic logs): the gate, an added
+domain rebased on its own logs, idempotency, runs killed at two points and one that fails, two
+retrains at once, warm start, and scoring after a partial promotion.
+
+Window 1 is run four times: killed (SIGKILL, no clean-up) right after it published its backbone,
+killed again while publishing its adapters, failed before the gate, and then to the end; each
+attempt must reuse what the ones before it published. Window 2 is started while a second
+retrain of the same window is tried at once: the lock refuses that one.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,12 +33,15 @@ from infra.synth import generate
 from jobs.cli import main
 from mdlora.artifact import read_manifest
 from mdlora.atomic import sha256_file, sha256_tree
-from trainer.config import load_retrain_config, load_run_config
+from trainer.config import load_adapt_config, load_retrain_config, load_run_config
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 W0, W1, W2 = "2026-01-01..2026-01-01", "2026-01-02..2026-01-02", "2026-01-03..2026-01-03"
 BAD = "d02"  # its window-2 training labels are flipped: its challenger must lose the gate
-SMALL = "d03"  # 1 % of rows (~60 holdout rows, too noisy for a gate): left out of the rebase
+SMALL = "d03"  # ~2 % of rows (a noisy gate): left out of the rebase by adapt.data.domains
+ADDED = "d04"  # held out of the schema: added with add-domain after window 0, rebased on its own logs
+W1_RUN = "2026-01-02_2026-01-02-"  # the start of window 1's run key (record dir, Ray Train run name)
 
 
 def _tree(root: Path) -> dict[str, str]:
@@ -45,12 +60,29 @@ def _production(reg: Registry) -> dict[str, str]:
             if (v := reg.aliases(k, n).get("production"))}
 
 
+def _retrain_argv(config: Path, window: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "retrain", "--config", str(config), "--window", window, "--json"]
+
+
+def _retrain_process(cluster: str, config: Path, window: str, **env: str) -> subprocess.CompletedProcess:
+    """``mdlora retrain`` in its own process on the test's Ray cluster (so a SIGKILL is a real one)."""
+    return subprocess.run(_retrain_argv(config, window), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "RAY_ADDRESS": cluster, **env})
+
+
+def _report(stdout: str) -> dict:
+    """The ``--json`` report: from the last line that opens a top-level object (after Ray's log lines)."""
+    lines = stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    return json.loads("\n".join(lines[start:]))
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    yield
+    ctx = ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    yield ctx.address_info["gcs_address"]
     ray.shutdown()
 
 
@@ -58,7 +90,7 @@ def ray_local():
 def world(ray_local, tmp_path_factory):
     base = tmp_path_factory.mktemp("retrain")
     logs, reg = base / "logs", base / "reg"
-    generate(str(logs), rows=60_000, domains=4, seed=11, users=300, items=300, days=3)
+    generate(str(logs), rows=60_000, domains=5, holdout_domains=1, seed=11, users=300, items=300, days=3)
     for split in ("train", "val"):  # window 2: the bad domain's labels flipped
         f = logs / split / "date=2026-01-03" / "part-00000.parquet"
         t = pq.read_table(f)
@@ -67,22 +99,36 @@ def world(ray_local, tmp_path_factory):
         flipped = pc.if_else(bad, pc.subtract(pa.scalar(1, click.type), click), click)
         pq.write_table(t.set_column(t.schema.get_field_index("click"), "click", flipped), f)
     data = [f"data.schema={logs}/schema.yaml", f"data.train={logs}/train", f"data.val={logs}/val"]
-    # window 0: a bare pretrain (2 workers) is production; no domain has an adapter yet
+    # window 0: a bare pretrain (2 workers) is production; then ADDED gets an adapter (add-domain)
     pretrain(load_run_config(None, data + [f"output.root={reg}", "output.model=ctr", f"data.window={W0}",
                                            "data.batch_size=512", "loop.epochs=2", "loop.log_every=0",
                                            "model.hidden=[32,16]", "dist.world_size=2", "dist.max_failures=0"]))
+    from infra.adapt import add_domain
+
+    add_domain(load_adapt_config(None, data + [f"output.root={reg}", "output.model=ctr", "lora.alpha=4",
+                                               "train.batch_size=64", "train.lr=0.03", "loop.epochs=4",
+                                               "loop.patience=1", "dist.max_failures=0"]),
+               ADDED, str(logs / "heldout" / ADDED))
     config = base / "retrain.yaml"
     config.write_text(
         f"pretrain: {{data: {{schema: {logs}/schema.yaml, train: {logs}/train, val: {logs}/val, batch_size: 512}},"
         f" loop: {{epochs: 2, log_every: 0}}, dist: {{max_failures: 0}}, output: {{root: {reg}, model: ctr}}}}\n"
-        f"adapt: {{data: {{domains: [d00, d01, {BAD}]}}, lora: {{alpha: 4}}, train: {{batch_size: 64, lr: 0.03}},"
-        " loop: {epochs: 4, patience: 1}, dist: {max_failures: 0}}\n"
+        f"adapt: {{data: {{domains: [d00, d01, {BAD}, {ADDED}]}}, lora: {{alpha: 4}},"
+        " train: {batch_size: 64, lr: 0.03}, loop: {epochs: 4, patience: 1}, dist: {max_failures: 0}}\n"
         f"gate: {{holdout: {logs}/test, tolerance: 0.02}}\n")
     cfg = load_retrain_config(str(config))
     registry = Registry(*open_fs(str(reg)))
     versions = lambda: {n: registry.versions(k, n) for k in ("backbones", "adapters") for n in registry.names(k)}  # noqa: E731
-    w = {"base": base, "reg": reg, "config": config, "registry": registry, "prod0": _production(registry)}
-    with pytest.MonkeyPatch.context() as mp:  # window 1 fails after training, before the gate decides
+    w = {"base": base, "logs": logs, "reg": reg, "config": config, "registry": registry, "prod0": _production(registry)}
+
+    # window 1, attempt 1: killed just after publishing its backbone, before recording it
+    w["kill1"] = _retrain_process(ray_local, config, W1, MDLORA_FAULT_WRITE=f"/retrain/ctr/{W1_RUN}")
+    w["prod_kill1"], w["versions_kill1"] = _production(registry), versions()
+    # attempt 2: killed while publishing its adapters (d00 is in, d01's manifest is not)
+    w["kill2"] = _retrain_process(ray_local, config, W1, MDLORA_FAULT_WRITE="adapters/d01/v0001/manifest.json")
+    w["prod_kill2"], w["versions_kill2"] = _production(registry), versions()
+    # attempt 3: fails after training, before the gate decides
+    with pytest.MonkeyPatch.context() as mp:
         import infra.retrain
 
         def boom(*a, **k):
@@ -92,41 +138,113 @@ def world(ray_local, tmp_path_factory):
         with pytest.raises(RuntimeError, match="injected"):
             infra.retrain.retrain(cfg, W1)
     w["prod_failed"], w["versions_failed"] = _production(registry), versions()
-    w["r1"] = main(["retrain", "--config", str(config), "--window", W1, "--json"])  # resumes the failed run
+    w["r1"] = main(["retrain", "--config", str(config), "--window", W1, "--json"])  # resumes and finishes
     w["versions1"], w["tree1"] = versions(), _tree(reg)
     w["r1_again"] = main(["retrain", "--config", str(config), "--window", W1])  # done: returns the report
     w["tree1_again"], w["prod1"] = _tree(reg), _production(registry)
-    w["r2"] = infra.retrain.retrain(cfg, W2)
+
+    # window 2, and a second retrain of the same model started while it runs
+    first = subprocess.Popen(_retrain_argv(config, W2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "RAY_ADDRESS": ray_local})
+    try:
+        lock, deadline = reg / "retrain" / "ctr" / ".lock", time.monotonic() + 180
+        while not (lock.exists() and f'"pid": {first.pid}' in lock.read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, "window 2 never took the lock"
+            time.sleep(0.2)
+        w["second"] = _retrain_process(ray_local, config, W2)
+        w["second_done_before_first"] = first.poll() is None
+        out, err = first.communicate(timeout=600)
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 0, err[-3000:]
+    w["r2"], w["versions2"] = _report(out), versions()
     yield w
     shutil.rmtree(base, ignore_errors=True)
 
 
+def test_a_retrain_killed_after_publishing_its_backbone_takes_it_up_again(world):
+    assert world["kill1"].returncode == -signal.SIGKILL, world["kill1"].stderr[-3000:]
+    assert world["versions_kill1"] == {"ctr": ["v0001", "v0002"], ADDED: ["v0001"]}  # published, unrecorded
+    assert world["prod_kill1"] == world["prod0"]
+    assert world["versions_kill2"]["ctr"] == ["v0001", "v0002"]  # attempt 2 found it: no second backbone
+    run = read_manifest(str(world["reg"] / "backbones" / "ctr" / "v0002"))["run"]
+    assert run.startswith(f"retrain-ctr-{W1_RUN}")
+
+
+def test_a_retrain_killed_while_publishing_adapters_reuses_what_it_published(world):
+    assert world["kill2"].returncode == -signal.SIGKILL, world["kill2"].stderr[-3000:]
+    assert world["versions_kill2"] == {"ctr": ["v0001", "v0002"], "d00": ["v0001"], ADDED: ["v0001"]}
+    assert (world["reg"] / "adapters" / "d01" / "v0001").is_dir()  # claimed, never completed: invisible
+    assert world["prod_kill2"] == world["prod0"]
+    v = world["versions_failed"]
+    assert v["d00"] == ["v0001"]  # reused by attempt 3, not trained and published again
+    assert v["d01"] == ["v0002"]  # a dead publisher's number is never reused
+
+
 def test_a_failed_run_leaves_production_untouched_and_its_rerun_reuses_its_versions(world):
-    assert world["prod_failed"] == world["prod0"] == {"backbones/ctr": "v0001"}  # no alias moved
-    assert world["versions_failed"] == {"ctr": ["v0001", "v0002"], "d00": ["v0001"], "d01": ["v0001"],
-                                        BAD: ["v0001"]}  # it had published (latest only)
-    assert world["versions1"] == world["versions_failed"]  # the rerun resumed: no duplicate versions
+    assert world["prod_failed"] == world["prod0"] == {"backbones/ctr": "v0001", f"adapters/{ADDED}": "v0001"}
+    assert world["versions_failed"] == {"ctr": ["v0001", "v0002"], "d00": ["v0001"], "d01": ["v0002"],
+                                        BAD: ["v0001"], ADDED: ["v0001", "v0002"]}  # published, latest only
+    assert world["versions1"] == world["versions_failed"]  # the last attempt resumed: no duplicate versions
+    run = read_manifest(str(world["reg"] / "backbones" / "ctr" / "v0002"))["run"]
+    for d, v in (("d00", "v0001"), ("d01", "v0002"), (BAD, "v0001"), (ADDED, "v0002")):
+        assert read_manifest(str(world["reg"] / "adapters" / d / v))["run"] == run  # what the run published
+
+
+def _expected(report: dict) -> dict[str, str]:
+    """What the gate's rule says of each domain: promote iff challenger AUC >= champion AUC - tol."""
+    tol = report["gate"]["tolerance"]
+    return {d: ("promote" if r["challenger"]["adapter"] and r["challenger"]["rows"]
+                and r["challenger"]["auc"] >= r["champion"]["auc"] - tol else "keep")
+            for d, r in report["domains"].items()}
 
 
 def test_window1_promotes_the_rebased_domains_and_a_rerun_creates_nothing(world):
     assert world["r1"] == 0 and world["r1_again"] == 0
-    run = next(p for p in (world["reg"] / "retrain" / "ctr").iterdir() if p.name.startswith("2026-01-02"))
+    run = next(p for p in (world["reg"] / "retrain" / "ctr").iterdir() if p.name.startswith(W1_RUN))
     report = json.loads((run / "report.json").read_text())
     assert "| domain |" in (run / "report.md").read_text()
     assert report["champion"]["version"] == "v0001" and report["backbone"]["version"] == "v0002"
-    assert report["promoted"] == ["d00", "d01", BAD], {d: r["reason"] for d, r in report["domains"].items()}
+    reasons = {d: r["reason"] for d, r in report["domains"].items()}
+    assert {"d00", "d01", BAD} <= set(report["promoted"]), reasons
+    assert {d: r["decision"] for d, r in report["domains"].items()} == _expected(report), reasons
     assert report["domains"][SMALL]["decision"] == "keep" and "not rebased" in report["domains"][SMALL]["reason"]
-    assert world["prod1"] == {"backbones/ctr": "v0002"} | {f"adapters/{d}": "v0001" for d in ("d00", "d01", BAD)}
-    for d in report["promoted"]:  # champion: the production backbone alone; the new bundles pin the new one
+    added = report["domains"][ADDED]["decision"] == "promote"
+    assert world["prod1"] == ({"backbones/ctr": "v0002"} | {f"adapters/{d}": v for d, v in
+                              (("d00", "v0001"), ("d01", "v0002"), (BAD, "v0001"))}
+                              | {f"adapters/{ADDED}": "v0002" if added else "v0001"})
+    for d in ("d00", "d01", BAD):  # champion: the production backbone alone; the new bundles pin the new one
         champion = report["domains"][d]["champion"]
         assert (champion["adapter"], champion["backbone"]) == (None, "v0001")
-        assert read_manifest(str(world["reg"] / "adapters" / d / "v0001"))["backbone"]["version"] == "v0002"
+        version = report["domains"][d]["challenger"]["adapter"]
+        assert read_manifest(str(world["reg"] / "adapters" / d / version))["backbone"]["version"] == "v0002"
     assert json.loads((world["reg"] / "backbones" / "ctr" / "v0002" / "config.json").read_text())[
         "model"]["init_from"] == "v0001"  # warm start recorded
     assert world["tree1_again"] == world["tree1"]  # the rerun of a finished window published nothing
     from infra.retrain import retrain
 
     assert retrain(load_retrain_config(str(world["config"])), W1) == report | {"rerun": True}
+
+
+def test_an_added_domain_is_rebased_on_its_own_logs_and_gated_on_its_own_test_split(world):
+    report = world["r2"]
+    r1 = json.loads(next((world["reg"] / "retrain" / "ctr").glob(f"{W1_RUN}*/report.json")).read_text())
+    own = world["logs"] / "heldout" / ADDED
+    for rep, backbone in ((r1, "v0002"), (report, "v0003")):
+        r = rep["domains"][ADDED]
+        assert r["challenger"]["backbone"] == backbone and r["challenger"]["adapter"], r
+        assert r["holdout"] == str(own / "test") and r["challenger"]["rows"] == r["champion"]["rows"] > 0
+        assert r["challenger"]["auc"] is not None and r["champion"]["auc"] is not None
+        manifest = read_manifest(str(world["reg"] / "adapters" / ADDED / r["challenger"]["adapter"]))
+        assert manifest["backbone"]["version"] == backbone and manifest["run"].startswith("retrain-ctr-")
+        assert manifest["data_window"]["train"] == str(own / "train")
+        assert manifest["data_window"]["window"] == rep["window"]  # trained on the window only
+    champion = r1["domains"][ADDED]["champion"]
+    assert (champion["adapter"], champion["backbone"]) == ("v0001", "v0001")  # add-domain's bundle
+    md = next((world["reg"] / "retrain" / "ctr").glob(f"{W1_RUN}*/report.md")).read_text()
+    assert f"- {ADDED}: `{own / 'test'}`" in md
 
 
 def test_window2_keeps_the_worse_domain_on_its_old_backbone(world):
@@ -136,9 +254,12 @@ def test_window2_keeps_the_worse_domain_on_its_old_backbone(world):
     bad = r2["domains"][BAD]
     assert bad["decision"] == "keep", bad
     assert bad["challenger"]["auc"] < bad["champion"]["auc"] - r2["gate"]["tolerance"]
-    assert r2["promoted"] == ["d00", "d01"], {d: r["reason"] for d, r in r2["domains"].items()}
-    assert _production(reg) == {"backbones/ctr": "v0003", f"adapters/{BAD}": "v0001", "adapters/d00": "v0002",
-                                "adapters/d01": "v0002"}
+    assert {"d00", "d01"} <= set(r2["promoted"]) and BAD not in r2["promoted"]
+    assert {d: r["decision"] for d, r in r2["domains"].items()} == _expected(r2)
+    production = _production(reg)
+    assert production["backbones/ctr"] == "v0003" and production[f"adapters/{BAD}"] == "v0001"
+    for d in ("d00", "d01"):
+        assert production[f"adapters/{d}"] == r2["domains"][d]["challenger"]["adapter"]
     # the kept bundle pins the old backbone and is refused on the new one
     path = reg.fetch("adapters", BAD, "production", world["base"])
     assert read_manifest(str(path))["backbone"]["version"] == "v0002"
@@ -147,21 +268,60 @@ def test_window2_keeps_the_worse_domain_on_its_old_backbone(world):
         load_bundle(path, expect_backbone_hash=new_hash, expect_schema_hash=None)
 
 
+def test_a_second_retrain_at_once_is_refused_by_the_lock(world):
+    second = world["second"]
+    assert world["second_done_before_first"]  # it really ran while the first held the lock
+    assert second.returncode == 3, second.stderr[-3000:]
+    assert "another retrain of this model is running" in second.stderr and W2 in second.stderr
+    assert world["versions2"]["ctr"] == ["v0001", "v0002", "v0003"]  # one window-2 backbone, not two
+
+
 def test_scoring_after_a_partial_promotion_routes_each_domain_to_its_pinned_backbone(world, tmp_path):
     r2 = world["r2"]
     scorer = Scorer(str(world["reg"]), "ctr")
-    assert scorer.backbone_of == {"d00": "v0003", "d01": "v0003", BAD: "v0002"}
+    chosen = {d: (r["challenger"] if r["decision"] == "promote" else r["champion"])
+              for d, r in r2["domains"].items() if d != SMALL}
+    assert scorer.backbone_of == {d: c["backbone"] for d, c in chosen.items()}
+    assert scorer.backbone_of[BAD] == "v0002" and scorer.backbone_of["d00"] == "v0003"
     summary = scorer.score_dataset(r2["gate"]["holdout"], str(tmp_path / "preds.parquet"))
     assert summary["fallback_rows"] == summary["domains"][SMALL]["rows"] > 0  # no bundle: production backbone
     assert summary["domains"][SMALL]["backbone_version"] == "v0003"
     for d in ("d00", "d01", BAD):  # production now scores exactly what the gate chose
-        r = r2["domains"][d]
-        chosen = r["challenger"] if r["decision"] == "promote" else r["champion"]
-        assert summary["domains"][d]["backbone_version"] == chosen["backbone"]
-        assert summary["domains"][d]["auc"] == pytest.approx(chosen["auc"], abs=1e-12)
+        assert summary["domains"][d]["backbone_version"] == chosen[d]["backbone"]
+        assert summary["domains"][d]["auc"] == pytest.approx(chosen[d]["auc"], abs=1e-12)
     preds = pq.read_table(tmp_path / "preds.parquet")
     rows = pc.equal(preds.column("domain"), BAD)
     assert set(preds.filter(rows).column("backbone_version").to_pylist()) == {"v0002"}
+
+
+def test_warm_start_starts_from_the_production_weights(world, tmp_path):
+    """A warm-started run whose steps barely move the weights publishes (almost) the weights of
+    the backbone it started from, and those are far from a fresh initialisation."""
+    import torch
+
+    from embeddings.schema import Schema
+    from embeddings.tables import build_ebc
+    from trainer.backbone import build_backbone
+    from trainer.config import ModelConfig
+    from trainer.recipes import load_unsharded
+
+    root = tmp_path / "reg"
+    shutil.copytree(world["reg"] / "backbones", root / "backbones")
+    logs = world["logs"]
+    out = pretrain(load_run_config(None, [
+        f"data.schema={logs}/schema.yaml", f"data.train={logs}/train", f"data.val={logs}/val", f"data.window={W1}",
+        f"output.root={root}", "output.model=ctr", "data.batch_size=512", "loop.max_steps=2", "loop.log_every=0",
+        "model.hidden=[32,16]", "model.init_from=v0002", "optim.dense_lr=1e-9", "optim.sparse_lr=1e-9",
+        "dist.world_size=1", "dist.max_failures=0"]))
+    schema = Schema.load(logs / "schema.yaml")
+    model = ModelConfig(hidden=[32, 16])
+    start = load_unsharded(root / "backbones" / "ctr" / "v0002", schema, model).backbone.state_dict()
+    warm = load_unsharded(Path(out["path"]), schema, model).backbone.state_dict()
+    torch.manual_seed(0)
+    fresh = build_backbone(schema, model, build_ebc(schema, device="cpu")).state_dict()
+    assert set(warm) == set(start) == set(fresh)
+    assert max((warm[k] - start[k]).abs().max().item() for k in start) < 1e-6
+    assert max((fresh[k] - start[k]).abs().max().item() for k in start) > 1e-2  # a cold start is far off
 
 
 def test_a_missing_holdout_fails_before_anything_is_published(world):

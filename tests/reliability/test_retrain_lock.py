@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from infra.retrain import RetrainLock, RetrainLocked
+from infra.retrain_lock import RetrainLock, RetrainLocked
 
 ROOT = Path(__file__).resolve().parents[2]
 HOLD = """
 import sys, time
-from infra.retrain import RetrainLock
+from infra.retrain_lock import RetrainLock
 lock = RetrainLock(sys.argv[1], "ctr", {"run": "holder"}, 60)
 lock.acquire()
 print("locked", flush=True)
