@@ -17,7 +17,9 @@ Concurrency:
   (temp file + rename locally, a single PUT on S3), so readers never see a half update.
   Read-modify-write of that object is serialised per name: locally by ``fcntl.flock`` on
   ``<kind>/<name>/.lock``; on S3 by compare-and-swap (``If-Match`` on the ETag, or
-  ``If-None-Match: *`` for the first write), retried on conflict. S3 stores that ignore these
+  ``If-None-Match: *`` for the first write), retried on conflict; each change tags its history
+  events with an id, so a retry whose earlier PUT landed (its reply lost) is not applied twice.
+  S3 stores that ignore these
   conditional headers cannot serialise concurrent publishers of the same name.
 * Different names never write the same object, so jobs for different domains never conflict.
 
@@ -30,12 +32,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import os
 import random
 import re
 import socket
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,7 +49,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from adapters.bundle import BundleManifest
-from mdlora.artifact import MANIFEST, ArtifactError, check_files, read_manifest
+from mdlora.artifact import MANIFEST, ArtifactError, check_files, read_manifest, safe_relpath
 from mdlora.atomic import staging_dir, write_bytes
 from mdlora.names import check_name
 
@@ -78,6 +82,14 @@ def _precondition_failed(e: OSError) -> bool:
         "PreconditionFailed",
         "ConditionalRequestConflict",
     }
+
+
+def _cached_files(directory: Path) -> dict[str, str] | None:
+    """The ``files`` of a local copy's manifest, or None when there is no (readable) copy."""
+    try:
+        return read_manifest(str(directory))["files"]
+    except ArtifactError:
+        return None
 
 
 def _production_stack(history: list[dict[str, Any]]) -> list[str]:
@@ -170,9 +182,14 @@ class Registry:
     def _version(self, kind: str, name: str, ref: str) -> str:
         """Resolve ``ref`` (alias, ``vNNNN``, ``v3`` or ``3``) to a complete version."""
         versions = self.versions(kind, name)
+        digits = ref[1:] if ref.startswith("v") else ref
+        if digits.isdigit() and version_name(int(digits)) not in versions:
+            version = version_name(int(digits))
+            if self.fs.exists(f"{self._name_dir(kind, name)}/{version}"):
+                raise RegistryError(f"{kind}/{name} {version}: incomplete, no {MANIFEST} (its publish never "
+                                    f"finished, or the manifest was removed); complete versions: {versions}")
         if not versions:
             raise RegistryError(f"{kind}/{name}: no published versions under {self.uri(self.root)}")
-        digits = ref[1:] if ref.startswith("v") else ref
         if digits.isdigit():
             version = version_name(int(digits))
         else:
@@ -197,6 +214,20 @@ class Registry:
             f"{self._name_dir(kind, name)}/{self._version(kind, name, ref)}", self.fs
         )
 
+    def find(self, kind: str, name: str, key: str, value: Any) -> str | None:
+        """The newest complete version of ``kind/name`` whose manifest has ``key == value``
+        (e.g. ``run``: what a resumed job published before it died), or None."""
+        if not self.fs.exists(self._name_dir(kind, name)):
+            return None
+        for version in reversed(self.versions(kind, name)):
+            if read_manifest(f"{self._name_dir(kind, name)}/{version}", self.fs).get(key) == value:
+                return version
+        return None
+
+    def read_text(self, kind: str, name: str, ref: str, file: str) -> str:
+        """One file of version ``ref`` as text (e.g. a backbone's ``metrics.json``)."""
+        return self.fs.cat_file(f"{self._name_dir(kind, name)}/{self._version(kind, name, ref)}/{file}").decode()
+
     def verify(self, kind: str, name: str, ref: str) -> list[str]:
         """Problems of version ``ref`` (checksums, each naming the file; for adapters also a
         manifest this code cannot read, e.g. a newer format); empty when intact."""
@@ -215,21 +246,35 @@ class Registry:
         """A local directory holding version ``ref``.
 
         Local registries return the version directory itself (versions are immutable). S3 ones
-        download into ``local_dir/<kind>/<name>/<vNNNN>`` atomically and reuse an earlier
-        download. Either way every file is checked against the manifest's sha256 before the
-        path is returned, so nothing tampered with (a backbone's checkpoint metadata is a torch
-        pickle) is ever loaded.
+        download into ``local_dir/<registry key>/<kind>/<name>/<vNNNN>`` atomically, where the
+        key is a hash of the registry's URI (two buckets' ``ctr/v0001`` never share a copy), and
+        reuse an earlier download only when its manifest lists exactly the files and hashes of
+        the registry's and its files match them (else it is downloaded again). Either way every file is checked against the manifest's sha256 before
+        the path is returned, so nothing modified is ever loaded. A manifest naming a file
+        outside its version directory is refused before anything is written.
         """
         version = self._version(kind, name, ref)
         src = f"{self._name_dir(kind, name)}/{version}"
-        dest = Path(src) if self.local else Path(local_dir) / kind / name / version
-        if not self.local and not (dest / MANIFEST).exists():
-            manifest = read_manifest(src, self.fs)
-            with staging_dir(dest, overwrite=dest.exists()) as tmp:
-                for rel in sorted(manifest["files"]):
-                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                    self.fs.get_file(f"{src}/{rel}", str(tmp / rel))
-                self.fs.get_file(f"{src}/{MANIFEST}", str(tmp / MANIFEST))
+        if self.local:
+            dest = Path(src)
+        else:
+            key = hashlib.sha256(self.uri(self.root).encode()).hexdigest()[:16]
+            dest = Path(local_dir) / key / kind / name / version
+            remote = read_manifest(src, self.fs)
+            unsafe = sorted(rel for rel in remote["files"] if not safe_relpath(rel))
+            if unsafe:
+                raise RegistryError(f"{self.uri(src)}: its manifest names files outside the version: {unsafe}")
+            if _cached_files(dest) != remote["files"] or check_files(str(dest), remote["files"]):
+                try:  # none, another version's, or a damaged copy: download it (again)
+                    with staging_dir(dest, overwrite=dest.exists()) as tmp:
+                        for rel in sorted(remote["files"]):
+                            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                            self.fs.get_file(f"{src}/{rel}", str(tmp / rel))
+                        write_bytes(tmp / MANIFEST, json.dumps(remote, indent=2, sort_keys=True).encode())
+                except OSError:
+                    if _cached_files(dest) != remote["files"]:
+                        raise
+                    # another process fetched the same version at the same time: its copy serves
         problems = check_files(str(dest), read_manifest(str(dest))["files"])
         if problems:
             raise RegistryError(
@@ -287,10 +332,16 @@ class Registry:
                 change(state)
                 self._put_bytes(path, json.dumps(state, indent=2, sort_keys=True).encode())
                 return state
+        op = uuid.uuid4().hex  # tags this change's history events
         for _ in range(_CAS_ATTEMPTS):
             state, etag = self._state(kind, name)
+            if any(e.get("op") == op for e in state["history"]):
+                return state  # an earlier attempt's PUT landed though its reply was lost: done once
             state = copy.deepcopy(state)
+            before = len(state["history"])
             change(state)
+            for event in state["history"][before:]:
+                event["op"] = op
             body = json.dumps(state, indent=2, sort_keys=True).encode()
             try:
                 if etag is None:

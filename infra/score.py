@@ -130,7 +130,8 @@ class Scorer:
         backbone_ref: backbone alias or version for rows without an adapter (fallback rows).
         bundles: ``{domain: version or alias}`` to load; None: the production bundle of every
             domain that has one pinned to a ``model`` backbone.
-        cache_dir: where S3 artefacts are downloaded (a temp dir when None).
+        cache_dir: where S3 artefacts are downloaded (None: a temp dir removed with the scorer;
+            the loaded weights stay in memory).
 
     Attributes:
         versions: ``{domain: adapter version}`` of the loaded bundles.
@@ -144,7 +145,8 @@ class Scorer:
 
     def __init__(self, root: str, model: str, backbone_ref: str = "production",
                  bundles: dict[str, str] | None = None, cache_dir: str | Path | None = None) -> None:
-        cache = Path(cache_dir or tempfile.mkdtemp(prefix="mdlora-score-"))
+        self._tmp = None if cache_dir else tempfile.TemporaryDirectory(prefix="mdlora-score-")  # removed with self
+        cache = Path(cache_dir or self._tmp.name)
         registry = Registry(*open_fs(root))
         self.info = open_backbone(root, model, backbone_ref, cache)
         explicit = bundles is not None

@@ -2,7 +2,8 @@
 
 Credentials and endpoint come from the environment (or explicit arguments), never from code:
 
-* ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (standard boto/s3fs variables),
+* botocore's credential chain: ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` /
+  ``AWS_SESSION_TOKEN``, a profile, IRSA (web identity) or the instance role,
 * ``MDLORA_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``) for S3-compatible stores (moto, MinIO),
 * ``AWS_DEFAULT_REGION`` (default ``us-east-1``).
 
@@ -28,11 +29,10 @@ def s3_options() -> dict[str, Any]:
     client_kwargs: dict[str, Any] = {"region_name": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
-    opts: dict[str, Any] = {"client_kwargs": client_kwargs}
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        opts["key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        opts["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
-    return opts
+    # no key/secret here: botocore reads them (and AWS_SESSION_TOKEN, profiles, IRSA, instance
+    # roles) from its own credential chain, so no filesystem object (pickled to Ray workers too)
+    # ever carries a secret
+    return {"client_kwargs": client_kwargs}
 
 
 def open_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -86,7 +86,9 @@ def read_manifest(directory: str, fs: fsspec.AbstractFileSystem | None = None) -
     return data
 
 
-def _safe_relpath(rel: str) -> bool:
+def safe_relpath(rel: str) -> bool:
+    """True when a manifest's file name stays inside its artefact directory (relative, no
+    ``..``) and is not the manifest itself."""
     p = PurePosixPath(rel)
     return bool(rel) and not p.is_absolute() and ".." not in p.parts and rel != MANIFEST
 
@@ -118,7 +120,7 @@ def check_files(
     problems = []
     for rel, digest in sorted(files.items()):
         path = f"{str(directory).rstrip('/')}/{rel}"
-        if not _safe_relpath(rel):
+        if not safe_relpath(rel):
             problems.append(f"{rel!r}: unsafe file name in manifest")
         elif not fs.exists(path):
             problems.append(f"{path}: listed in the manifest but missing")

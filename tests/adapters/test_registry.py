@@ -76,7 +76,7 @@ def test_incomplete_version_is_invisible_and_its_number_is_not_reused(tmp_path):
     (crashed / RESERVATION).write_text("{}")
     (crashed / "sub" / "w.bin").write_bytes(b"wei")
     assert reg.versions("backbones", "ctr") == ["v0001"]
-    with pytest.raises(RegistryError, match="no complete version v0002"):
+    with pytest.raises(RegistryError, match="v0002: incomplete, no manifest.json"):
         reg.resolve("backbones", "ctr", "v0002")
     assert reg.publish("backbones", "ctr", src) == "v0003"
     assert reg.versions("backbones", "ctr") == ["v0001", "v0003"]
@@ -207,7 +207,8 @@ def test_s3_registry_round_trip(s3_env, tmp_path, monkeypatch):
     reg.promote("adapters", "books", "v0002")
     assert reg.rollback("adapters", "books") == "v0001"
     local = reg.fetch("adapters", "books", "production", tmp_path / "cache")
-    assert local == tmp_path / "cache" / "adapters" / "books" / "v0001"
+    assert local.parent.parent.parent.parent == tmp_path / "cache"  # cache/<registry key>/adapters/books/v0001
+    assert local.relative_to(tmp_path / "cache").parts[1:] == ("adapters", "books", "v0001")
     tensors, loaded = load_bundle(local, expect_backbone_hash="h" * 64, expect_schema_hash="s" * 64)
     assert torch.equal(tensors["a"], torch.arange(8.0).reshape(2, 4)) and loaded.version == "v0001"
     assert reg.aliases("adapters", "books") == {"latest": "v0005", "production": "v0001"}
@@ -280,3 +281,54 @@ def test_verify_reports_an_adapter_bundle_too_new_to_read(tmp_path):
     assert main(["bundles", "verify", "books", "--root", str(tmp_path / "reg")]) == 2
     (problem,) = reg.verify("adapters", "books", "v0001")
     assert "format_version 99 is newer" in problem
+
+
+def test_s3_fetch_cache_is_per_registry_checked_and_shared_safely(s3_env, tmp_path):
+    """Two registries' ``books/v0001`` never share a cached copy; a damaged cached copy is
+    downloaded again; a manifest naming a file outside its version writes nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from infra.storage import open_fs
+
+    a, b = Registry(*open_fs(f"{s3_env}/a")), Registry(*open_fs(f"{s3_env}/b"))
+    assert a.publish("adapters", "books", make_artifact(tmp_path / "a", b"weights of a")) == "v0001"
+    assert b.publish("adapters", "books", make_artifact(tmp_path / "b", b"weights of b")) == "v0001"
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(4) as pool:  # concurrent fetches of one version: one copy, every caller served
+        (in_a,) = set(pool.map(lambda _: a.fetch("adapters", "books", "v0001", cache), range(4)))
+    in_b = b.fetch("adapters", "books", "v0001", cache)
+    assert in_a != in_b
+    assert (in_a / "sub/w.bin").read_bytes() == b"weights of a" and (in_b / "sub/w.bin").read_bytes() == b"weights of b"
+    (in_a / "sub/w.bin").write_bytes(b"damaged in the cache")
+    assert a.fetch("adapters", "books", "v0001", cache) == in_a
+    assert (in_a / "sub/w.bin").read_bytes() == b"weights of a"  # downloaded again
+
+    manifest = json.loads(a.fs.cat_file(f"{a.root}/adapters/books/v0001/manifest.json"))
+    manifest["files"]["../../../escaped.txt"] = "0" * 64
+    a.fs.pipe_file(f"{a.root}/adapters/books/v0001/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(RegistryError, match="outside the version"):
+        a.fetch("adapters", "books", "v0001", tmp_path / "cache2")
+    assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "cache2").exists()
+
+
+def test_s3_alias_change_whose_reply_was_lost_is_applied_once(s3_env, tmp_path, monkeypatch):
+    """The PUT of a rollback lands but its reply is lost; the retry meets a 412 (the ETag moved):
+    the registry sees its own change already there instead of rolling back a second time."""
+    from infra.storage import open_fs
+
+    reg = Registry(*open_fs(f"{s3_env}/registry"))
+    src = make_artifact(tmp_path / "src")
+    for _ in range(3):
+        reg.promote("adapters", "books", reg.publish("adapters", "books", src))
+    put, lost = reg.fs.pipe_file, []
+
+    def reply_lost(path, data, **kw):
+        put(path, data, **kw)
+        if not lost and path.endswith("aliases.json"):
+            lost.append(path)
+            raise FileExistsError(path)  # what s3fs raises for 412 Precondition Failed
+
+    monkeypatch.setattr(reg.fs, "pipe_file", reply_lost)
+    assert reg.rollback("adapters", "books") == "v0002"
+    assert lost and reg.aliases("adapters", "books")["production"] == "v0002"
+    assert [e["event"] for e in reg.history("adapters", "books")].count("rollback") == 1
