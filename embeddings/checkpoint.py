@@ -17,6 +17,12 @@ before the rename leaves only a hidden ``.tmp`` dir (removed by the next save) a
 on the previous step. Where something else commits (Ray Train's ``report`` uploads per-rank
 dirs), use :func:`write_shards` / :func:`read_shards` directly.
 
+Loading never runs arbitrary pickles: DCP keeps its ``.metadata`` as a pickle, which
+:class:`SafeReader` reads with an unpickler that builds only DCP's metadata classes, torch sizes,
+dtypes and layouts (anything else is refused, naming the file and the global), and tensors and
+the dense optimiser state load with ``weights_only=True``. A backbone fetched from a shared
+registry may have been written by someone else.
+
 Resharding: DCP stores each tensor by global offsets, so a checkpoint saved with one world size
 or plan loads into another (or into a plain unsharded module in one process). State-dict keys
 are normalised on both sides (``module.`` / ``_dmp_wrapped_module.`` prefixes of DDP/DMP wrappers
@@ -25,7 +31,9 @@ are dropped) so that wrapped and unwrapped models agree.
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import re
 import shutil
 import warnings
@@ -36,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import metadata as dcp_metadata
 
 from embeddings.sharding import module_tables, plan_to_dict
 from mdlora.atomic import write_bytes, write_json
@@ -43,6 +52,42 @@ from mdlora.atomic import write_bytes, write_json
 _STEP = re.compile(r"^step-(\d+)$")
 _WRAPPERS = ("module.", "_dmp_wrapped_module.")
 _DENSE = "dense_optim.pt"
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what a DCP ``.metadata`` pickle holds; any other global is refused."""
+
+    _EXACT = {("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+              ("torch", "Size"), ("torch.serialization", "_get_layout"),
+              ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._EXACT:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == dcp_metadata.__name__ and isinstance(getattr(dcp_metadata, name, None), type):
+            return getattr(dcp_metadata, name)
+        raise pickle.UnpicklingError(f"{self.source}: refusing to load {module}.{name}: a DCP checkpoint's "
+                                     "metadata holds only DCP metadata classes, torch sizes, dtypes and layouts")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """``FileSystemReader`` whose ``.metadata`` is read by :class:`_MetadataUnpickler` (tensors
+    already load with ``weights_only=True``)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f, str(path)).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def normalise_key(key: str) -> str:
@@ -206,7 +251,7 @@ def read_shards(
             parameter order as at save time; None skips it.
     """
     path = Path(directory)
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    saved = SafeReader(path).read_metadata().state_dict_metadata
     state, fused_sd, names = _state(model)
     payload: dict[str, Any] = {"model": state}
     if fused_sd:
@@ -225,7 +270,7 @@ def read_shards(
                 "not restored (not saved, or saved with another column split); it starts fresh",
                 stacklevel=2,
             )
-    dcp.load(payload, checkpoint_id=path, no_dist=not _distributed())
+    dcp.load(payload, storage_reader=SafeReader(path), no_dist=not _distributed())
     model.load_state_dict({names[k]: v for k, v in state.items()})
     if fused_sd:
         model.fused_optimizer.load_state_dict(fused_sd)

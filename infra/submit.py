@@ -9,6 +9,11 @@ Token auth (the default in Ray 2.60): with ``RAY_AUTH_MODE=token`` in this proce
 ``Authorization: Bearer <token>`` read from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
 ``~/.ray/auth_token``. A cluster with token auth refuses requests without it (HTTP 401), which
 is raised here as :class:`PermissionError`. The token itself is never printed.
+
+Credentials never travel with a job: Ray stores a job's ``runtime_env`` (its ``env_vars``
+included) with the job, where the dashboard and every job API client can read it, so an
+environment variable whose name looks like a credential (``KEY``, ``SECRET``, ``TOKEN``,
+``PASSWORD``) is refused. The cluster's nodes get their credentials from their own environment.
 """
 
 from __future__ import annotations
@@ -25,12 +30,7 @@ EXCLUDES = [".venv", ".git", "demo-out", "runs", "benchmarks/results", "__pycach
             ".ruff_cache", "*.egg-info", "build", ".whl", ".gl"]
 """Paths (gitignore syntax) never uploaded with the working dir."""
 
-_SECRET = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)
-
-
-def masked(env: dict[str, str]) -> dict[str, str]:
-    """``env`` with the value of every variable whose name looks like a credential replaced by ``***``."""
-    return {k: "***" if _SECRET.search(k) else v for k, v in env.items()}
+_SECRET = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
 
 
 def load_runtime_env(path: str) -> dict[str, Any]:
@@ -74,11 +74,19 @@ def job_runtime_env(base: dict[str, Any] | None, working_dir: str | None,
 
     Returns:
         ``base`` with that working dir, :data:`EXCLUDES` + its ``excludes`` and the merged env.
+
+    Raises:
+        ValueError: a variable's name looks like a credential (names it, never its value).
     """
     base = dict(base or {})
+    env = {**base.get("env_vars", {}), **(env_vars or {})}
+    secret = sorted(k for k in env if _SECRET.search(k))
+    if secret:
+        raise ValueError(f"job env {secret}: looks like a credential; Ray stores a job's env with the job, "
+                         "readable on the dashboard and by every job API client. Give the cluster its "
+                         "credentials through its nodes' environment (IAM role / IRSA / a Kubernetes Secret)")
     return {**base, "working_dir": working_dir or base.get("working_dir", "."),
-            "excludes": [*EXCLUDES, *base.get("excludes", [])],
-            "env_vars": {**base.get("env_vars", {}), **(env_vars or {})}}
+            "excludes": [*EXCLUDES, *base.get("excludes", [])], "env_vars": env}
 
 
 def submit(address: str, entrypoint_args: list[str], *, working_dir: str | None = None, wait: bool = False,
@@ -93,7 +101,7 @@ def submit(address: str, entrypoint_args: list[str], *, working_dir: str | None 
         entrypoint_args: the ``mdlora`` command line, e.g. ``["pretrain", "--config", "c.yaml"]``.
         working_dir: local dir uploaded as the job's working dir (see :data:`EXCLUDES`).
         wait: stream the job's logs to stdout until it ends.
-        env_vars: extra environment variables of the job (credential values are masked in output).
+        env_vars: extra environment variables of the job (no credentials: see the module doc).
         runtime_env: base runtime_env of the job (any Ray field: ``pip``, ``image_uri``, ...).
 
     Returns:
@@ -102,7 +110,7 @@ def submit(address: str, entrypoint_args: list[str], *, working_dir: str | None 
 
     Raises:
         PermissionError: the cluster refused the request (missing or wrong auth token).
-        ValueError: ``entrypoint_args`` is empty.
+        ValueError: ``entrypoint_args`` is empty, or an env variable looks like a credential.
     """
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -117,7 +125,7 @@ def submit(address: str, entrypoint_args: list[str], *, working_dir: str | None 
         job_id = _submit_job(client, entrypoint, runtime_env)
         print(f"submitted job {job_id} to {address}: {entrypoint}", flush=True)
         if env_vars:
-            print(f"  env: {masked(env_vars)}", flush=True)
+            print(f"  env: {env_vars}", flush=True)
         if not wait:
             return job_id, str(client.get_job_status(job_id).value)
         asyncio.run(_stream(client, job_id))

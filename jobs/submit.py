@@ -18,7 +18,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime-env", default=None, metavar="FILE",
                    help="runtime_env YAML, as for `ray job submit --runtime-env` (e.g. infra/runtime_env.yaml)")
     p.add_argument("--env", dest="env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable of the job (repeatable; credential values are never printed)")
+                   help="environment variable of the job (repeatable; credential-like names are refused: Ray stores "
+                        "the env with the job)")
     p.add_argument("job", nargs=argparse.REMAINDER, help="after --: the mdlora command line, e.g. pretrain --config C")
 
 

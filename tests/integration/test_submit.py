@@ -1,8 +1,10 @@
-"""A real Ray head with token auth on 127.0.0.1; pretrain -> adapt -> add-domain -> score as Ray jobs.
+"""A real Ray head with token auth on 127.0.0.1; pretrain -> adapt -> add-domain -> score ->
+retrain as Ray jobs.
 
-Every client call is a separate ``mdlora submit`` process, as a user runs it: the token is
-read by Ray from ``$HOME/.ray/auth_token`` (a temp HOME, so the user's ``~/.ray`` is untouched),
-and a client without it is refused.
+Every client call is a separate process, as a user runs it: ``mdlora submit`` for the first four,
+Ray's own ``ray job submit --working-dir .`` for the retrain. The token is read by Ray from
+``$HOME/.ray/auth_token`` (a temp HOME, so the user's ``~/.ray`` is untouched), and a client
+without it is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from infra.submit import masked
 from infra.synth import generate
 from tests.conftest import free_port
 
@@ -45,11 +46,11 @@ def head():
     home.mkdir()
     dashboard = free_port()
     env = {**_clean_env(home), "VENV": sys.prefix, "NUM_CPUS": "2", "RAY_PORT": str(free_port()),
-           "DASHBOARD_PORT": str(dashboard), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+           "DASHBOARD_PORT": str(dashboard), "DASHBOARD_AGENT_PORT": str(free_port()),
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
     with open(log, "w") as out:
-        # the agent's HTTP port (default 52365) is fixed: another Ray on this machine would take it
         proc = subprocess.Popen([str(ROOT / "infra/scripts/ray-head-start.sh"), "--temp-dir", str(base / "r"),
-                                 "--dashboard-agent-listen-port", str(free_port()), "--block"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                 "--block"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -81,10 +82,19 @@ def test_a_client_without_the_token_is_refused(head, tmp_path):
     assert wrong.returncode == 2 and "Authentication failed" in wrong.stderr, wrong.stderr[-2000:]
 
 
-def test_credentials_are_masked():
-    env = {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "RAY_AUTH_TOKEN": "t0k", "DB_PASSWORD": "pw", "MDLORA_S3_ENDPOINT": "u"}
-    assert masked(env) == {"AWS_SECRET_ACCESS_KEY": "***", "RAY_AUTH_TOKEN": "***", "DB_PASSWORD": "***",
-                           "MDLORA_S3_ENDPOINT": "u"}
+@pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN", "DB_PASSWORD", "aws_access_key_id"])
+def test_credentials_are_refused_as_job_env(head, name, tmp_path):
+    """Ray stores a job's env with the job (dashboard-readable): a credential never goes there."""
+    env = {**_clean_env(head["home"]), "RAY_AUTH_MODE": "token"}
+    runtime_env = tmp_path / "runtime_env.yaml"
+    runtime_env.write_text(yaml.safe_dump({"env_vars": {name: "do-not-print-me"}}))
+    for args in (["--env", f"{name}=do-not-print-me"], ["--runtime-env", str(runtime_env)]):
+        r = _submit(head, [*args, "--", "bundles", "--help"], env)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert name in r.stderr and "looks like a credential" in r.stderr
+        assert "do-not-print-me" not in r.stdout + r.stderr and "submitted job" not in r.stdout
+    ok = _submit(head, ["--env", "MDLORA_S3_ENDPOINT=http://127.0.0.1:9", "--", "bundles", "--help"], env)
+    assert ok.returncode == 0 and "MDLORA_S3_ENDPOINT" in ok.stdout, ok.stderr[-2000:]  # not a credential
 
 
 def _job_runtime_env(head: dict, env: dict[str, str], job_id: str) -> dict:
@@ -122,13 +132,10 @@ def test_pretrain_adapt_add_domain_score_as_submitted_jobs(head):
         "data": {**data, "test": f"{logs}/test", "batch_size": 1024}, "lora": {"alpha": 4},
         "loop": {"epochs": 2, "patience": 1}, "dist": {"world_size": 1, "max_failures": 0}, "output": output}))
     env = {**_clean_env(head["home"]), "RAY_AUTH_MODE": "token"}
-    secret = {"MDLORA_TEST_SECRET_KEY": "do-not-print-me"}
 
-    job = _submit(head, ["--wait", "--env", f"MDLORA_TEST_SECRET_KEY={secret['MDLORA_TEST_SECRET_KEY']}",
-                         "--", "pretrain", "--config", str(pretrain)], env)
+    job = _submit(head, ["--wait", "--", "pretrain", "--config", str(pretrain)], env)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "SUCCEEDED" in job.stdout and "backbone ctr v0001" in job.stdout  # the job's own log, streamed
-    assert "do-not-print-me" not in job.stdout + job.stderr
     assert (reg / "backbones" / "ctr" / "v0001" / "manifest.json").is_file()
 
     job = _submit(head, ["--wait", "--", "adapt", "--config", str(adapt)], env)
@@ -158,3 +165,28 @@ def test_pretrain_adapt_add_domain_score_as_submitted_jobs(head):
 
     failed = _submit(head, ["--wait", "--", "pretrain", "--config", str(base / "missing.yaml")], env)
     assert failed.returncode == 1 and "FAILED" in failed.stdout, failed.stdout[-3000:]
+
+    # the scheduled retrain, submitted with Ray's own CLI exactly as the README shows it
+    retrain = base / "retrain.yaml"
+    retrain.write_text(yaml.safe_dump({
+        "pretrain": {"data": {**data, "batch_size": 512}, "loop": {"epochs": 1, "log_every": 0},
+                     "dist": {"world_size": 1, "max_failures": 0}, "output": output},
+        "adapt": {"lora": {"alpha": 4}, "loop": {"epochs": 2, "patience": 1}, "data": {"batch_size": 1024},
+                  "dist": {"world_size": 1, "max_failures": 0}},
+        "gate": {"holdout": f"{logs}/test", "tolerance": 0.05}}))
+    window = "2026-01-02..2026-01-02"
+    job = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", head["url"],
+                          "--working-dir", ".", "--", "mdlora", "retrain", "--config", str(retrain), "--window",
+                          window], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout.lower() and f"retrain ctr {window}: backbone v0001 -> v0002" in job.stdout
+    (run,) = (reg / "retrain" / "ctr").glob("2026-01-02_2026-01-02-*")
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["domains"]) == {"d00", "d01", "d02", "d03"}  # d03: added above, rebased on its own logs
+    assert all(r["challenger"]["backbone"] == "v0002" and r["challenger"]["adapter"] for r in report["domains"].values())
+    # the cluster's token appears in nothing a client printed, nor in anything a job wrote (the
+    # client's ~/.ray and the head's own temp dir are where it is kept)
+    token = (head["home"] / ".ray" / "auth_token").read_text().strip()
+    assert len(token) >= 16 and token not in job.stdout + job.stderr
+    written = [p for p in base.rglob("*") if p.is_file() and p.relative_to(base).parts[0] not in ("home", "r")]
+    assert len(written) > 20 and [p for p in written if token.encode() in p.read_bytes()] == []

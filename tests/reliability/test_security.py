@@ -7,7 +7,10 @@
 * ``mdlora submit`` with a sentinel Ray token against an unreachable cluster: the token is not
   echoed in the error.
 * Source scan: every ``torch.load`` passes ``weights_only=True``; nothing calls ``pickle.load``
-  / ``pickle.loads``; adapter bundles hold safetensors and JSON only.
+  / ``pickle.loads``; every ``dcp.load`` reads through ``SafeReader``; adapter bundles hold
+  safetensors and JSON only.
+* A backbone whose DCP ``.metadata`` pickle was replaced by one that runs code (and resealed, so
+  its checksums match): loading refuses it, naming the file and the global, and the code never runs.
 """
 
 from __future__ import annotations
@@ -45,10 +48,47 @@ def test_no_unsafe_deserialisation_in_the_source():
                     bad.append(f"{where}: torch.load without weights_only=True")
             elif owner in {"pickle", "cPickle", "dill", "cloudpickle", "joblib"} and attr in {"load", "loads"}:
                 bad.append(f"{where}: {owner}.{attr}")
+            elif owner == "dcp" and attr == "load" and "storage_reader" not in {k.arg for k in node.keywords}:
+                bad.append(f"{where}: dcp.load without storage_reader=SafeReader(...)")
+            elif attr == "FileSystemReader":
+                bad.append(f"{where}: DCP's FileSystemReader unpickles .metadata; use SafeReader")
             elif owner in {"np", "numpy"} and attr == "load" and any(
                     k.arg == "allow_pickle" for k in node.keywords):
                 bad.append(f"{where}: numpy.load(allow_pickle=...)")
     assert bad == []
+
+
+class _Payload:
+    """Unpickling this runs ``os.system(command)``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (self.command,)
+
+
+def test_a_backbone_whose_checkpoint_metadata_runs_code_is_refused(world, tmp_path):
+    import pickle
+
+    from embeddings.schema import Schema
+    from mdlora.artifact import read_manifest, seal
+    from trainer.config import ModelConfig
+    from trainer.recipes import load_unsharded
+
+    backbone = tmp_path / "v0001"
+    shutil.copytree(world["backbone"]["path"], backbone)
+    marker = tmp_path / "pwned"
+    (backbone / ".metadata").write_bytes(pickle.dumps(_Payload(f"touch {marker}")))
+    manifest = read_manifest(str(backbone))
+    seal(backbone, {k: v for k, v in manifest.items() if k not in ("files", "content_hash")})  # checksums match
+    with pytest.raises(pickle.UnpicklingError, match=r"\.metadata: refusing to load posix\.system"):
+        load_unsharded(backbone, Schema.load(backbone / "schema.yaml"), ModelConfig(hidden=[16, 8]))
+    assert not marker.exists()
+    # the untampered original still loads
+    load_unsharded(Path(world["backbone"]["path"]), Schema.load(backbone / "schema.yaml"), ModelConfig(hidden=[16, 8]))
 
 
 def test_adapter_bundles_are_safetensors_and_json_only(world):
@@ -114,3 +154,35 @@ def test_ray_token_not_echoed_by_submit(tmp_path):
             env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "HOME": str(tmp_path)}, timeout=180)
     assert r.returncode != 0
     assert TOKEN not in r.stdout + r.stderr
+
+
+EMBEDDED_DASHBOARD = """
+import json, urllib.error, urllib.request
+from infra.ray_backend import init_ray
+init_ray(num_cpus=1)
+import ray
+url = "http://" + ray._private.worker.get_dashboard_url()
+codes = {}
+for name, headers in (("no token", {}), ("wrong token", {"Authorization": "Bearer " + "0" * 32})):
+    try:
+        urllib.request.urlopen(urllib.request.Request(url + "/api/jobs/", headers=headers), timeout=30)
+        codes[name] = 200
+    except urllib.error.HTTPError as e:
+        codes[name] = e.code
+print(json.dumps({"url": url, "codes": codes}))
+"""
+
+
+@pytest.mark.integration
+def test_the_embedded_rays_job_api_listens_on_loopback_and_requires_the_token(tmp_path):
+    """Every job without ``dist.address`` starts its own Ray, dashboard and job API included:
+    a local user without the token must not be able to submit code to it."""
+    import json
+
+    from tests.reliability.conftest import py
+
+    r = py(EMBEDDED_DASHBOARD, env={"HOME": str(tmp_path)}, timeout=240)  # a fresh ~/.ray: its own token
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["url"].startswith("http://127.0.0.1:")
+    assert out["codes"] == {"no token": 401, "wrong token": 403}
