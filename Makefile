@@ -4,6 +4,9 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.mdlora-installed
 GPU     ?= 0
+# Where pip finds torch: PyPI's Linux torch 2.13.0 is the CUDA build (GBs); on a CPU machine that
+# has no local CPU wheel, `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?=
 
 # The version matrix (see README): fbgemm-gpu 1.X is built against exactly torch 2.(X+5).
 TORCH_VER   := 2.13.0
@@ -21,7 +24,7 @@ endif
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel >/dev/null 2>&1 || $(BIN)/pip install -q setuptools wheel
-	$(BIN)/pip install -q torch==$(TORCH_VER) $(FBGEMM_PKG) "ray[default,train]==$(RAY_VER)" \
+	$(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==$(TORCH_VER) $(FBGEMM_PKG) "ray[default,train]==$(RAY_VER)" \
 	    pyarrow s3fs scikit-learn scipy safetensors "moto[server]" pytest pytest-timeout matplotlib \
 	    tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath numpy pyyaml
 	# torchrec declares the CUDA fbgemm-gpu; --no-deps keeps the one chosen above.

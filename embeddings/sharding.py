@@ -216,8 +216,9 @@ def plan_for(
         The ``ShardingPlan``.
 
     Raises:
-        ValueError: unknown table, a cuda-only sharding type on cpu, or the tables do not fit
-            (message gives the bytes needed and the memory per rank).
+        ValueError: unknown table, a cuda-only sharding type on cpu, a shard whose columns
+            are not a multiple of 4, or the tables do not fit (message gives the bytes needed
+            and the memory per rank).
     """
     if pg is not None and pg.size() != world_size:
         raise ValueError(f"world_size {world_size} differs from the process group size {pg.size()}")
@@ -227,7 +228,7 @@ def plan_for(
 
     def plan() -> ShardingPlan:
         try:
-            return planner.plan(module, sharders(device_type))
+            return _check_columns(planner.plan(module, sharders(device_type)))
         except PlannerError as e:
             if e.error_type != PlannerErrorType.INSUFFICIENT_STORAGE:
                 raise ValueError(f"sharding planner: {e}") from None
@@ -254,6 +255,26 @@ def plan_for(
     if isinstance(box[0], Exception):
         raise box[0]
     return box[0]
+
+
+class ShardShapeError(ValueError):
+    """A table's shape cannot be sharded for fbgemm's kernels (a schema problem, not a config one)."""
+
+
+def _check_columns(plan: ShardingPlan) -> ShardingPlan:
+    """Refuse a plan with a shard fbgemm's fused (TBE) kernels cannot hold: they need every
+    shard's column count to be a multiple of 4, on CPU and GPU alike, and otherwise fail inside
+    every worker at DMP construction. Data-parallel tables are plain replicas and exempt."""
+    for module_plan in plan.plan.values():
+        for name, ps in module_plan.items():
+            for s in ps.sharding_spec.shards if ps.sharding_spec is not None else []:
+                if s.shard_sizes[1] % 4:
+                    raise ShardShapeError(
+                        f"table {name!r}: its {ps.sharding_type} shard on rank {s.placement.rank()} has "
+                        f"{s.shard_sizes[1]} columns, not a multiple of 4 as fbgemm's fused embedding kernels "
+                        "need; make the table's dim a multiple of 4 (x the column shards), or shard it "
+                        "data_parallel")
+    return plan
 
 
 def _attached_optimizer(module: nn.Module) -> str | None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from adapters.registry import KINDS, Registry
+from adapters.registry import KINDS, Registry, RegistryError
 from infra.storage import open_fs
 
 
@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         )
     elif args.action == "verify":
         failed = False
-        for version in [args.version] if args.version else reg.versions(kind, name):
+        versions = [args.version] if args.version else reg.versions(kind, name)
+        if not versions:  # a misspelt name must not pass as "nothing wrong"
+            raise RegistryError(f"{kind}/{name}: no published versions under {args.root}")
+        for version in versions:
             problems = reg.verify(kind, name, version)
             failed |= bool(problems)
             print(

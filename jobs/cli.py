@@ -84,6 +84,23 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mdlora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _unreachable_storage(e):
+            raise
+        # the object store is down or unreachable (after the client's retries): a clear line
+        # naming the endpoint, exit 1 (not the user's input; running again later may succeed)
+        print(f"mdlora {args.command}: error: storage unreachable: {e}", file=sys.stderr)
+        return 1
+
+
+def _unreachable_storage(e: Exception) -> bool:
+    """True for botocore's connection errors (endpoint down, timeouts), raised through s3fs."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:  # no S3 support installed: nothing of it can have failed
+        return False
+    return isinstance(e, BotoConnectionError | HTTPClientError)
 
 
 if __name__ == "__main__":

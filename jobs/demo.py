@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -89,18 +90,28 @@ def run(out: Path, rows: int, domains: int, seed: int) -> dict:
     return summary
 
 
+MARKER = ".mdlora-demo"
+"""Marks a demo's output directory: only such a directory is replaced by the next run."""
+
+
 def main() -> None:
     """CLI of the demo (``python -m jobs.demo``)."""
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default="demo-out", help="output directory (replaced)")
+    ap.add_argument("--out", default="demo-out",
+                    help="output directory: created, or replaced when it holds an earlier demo's output")
     ap.add_argument("--rows", type=int, default=300_000)
     ap.add_argument("--domains", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     setup_logging()
     out = Path(args.out).resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():  # never delete a directory this demo did not make
+            sys.exit(f"demo: --out {out} exists and is not an earlier demo's output (no {MARKER}); "
+                     "give an empty or new directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `python -m jobs.demo`; the next demo run replaces this directory\n")
     summary = run(out, args.rows, args.domains, args.seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 

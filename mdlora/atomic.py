@@ -67,8 +67,20 @@ def _fault_point(dest: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` with ``path`` as its file name when it has none (a failed ``write`` on a full disk
+    says only "[Errno 28] No space left on device"; the user needs to know where)."""
+    if e.filename is not None or e.errno is None:
+        return e
+    return OSError(e.errno, e.strerror, str(path))
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, replace)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same dir, fsync, replace).
+
+    Raises:
+        OSError: the write failed (disk full, read-only, ...); it names ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -80,6 +92,13 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         _fault_point(path)
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        named = _naming(e, path)
+        if named is e:
+            raise
+        raise named from e
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -106,6 +125,8 @@ def staging_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
 
     Raises:
         FileExistsError: ``dest`` exists and ``overwrite`` is False.
+        OSError: filling or committing it failed (disk full, ...); one without a file name (a
+            failed ``write``) is raised again naming ``dest``.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +149,12 @@ def staging_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
         else:
             os.rename(tmp, dest)
         _fsync_dir(dest.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        named = _naming(e, dest)
+        if named is e:
+            raise
+        raise named from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,8 +1,11 @@
 """`mdlora pretrain` end to end on 2 Ray Train workers with TorchRec-sharded tables (gloo, CPU).
 
-One run with a worker SIGKILLed mid-run covers: sharding across both ranks, loss falling,
-per-domain AUC well above chance, checkpoint resume after a failure, publishing, and loading
-the 2-rank backbone into 1 process with identical predictions (reshard 2 -> 1).
+One run with two faults covers: sharding across both ranks, loss falling, per-domain AUC well
+above chance, checkpoint resume after a failure, publishing, and loading the 2-rank backbone
+into 1 process with identical predictions (reshard 2 -> 1). The faults: rank 1 SIGKILLed just
+before step 17, and later rank 0 SIGKILLed inside a checkpoint write (its shards written,
+``train_state.json`` not yet): that checkpoint must never count, and the run resumes from the
+one before it.
 """
 
 from __future__ import annotations
@@ -63,8 +66,10 @@ def test_pretrain_two_workers_survives_a_killed_worker(ray_local, logs, tmp_path
     from trainer.loop import evaluate
     from trainer.recipes import load_unsharded
 
-    marker = tmp_path / "killed"
+    marker, in_write = tmp_path / "killed", tmp_path / "killed-in-write"
     monkeypatch.setenv("MDLORA_FAULT_KILL", f"1:17:{marker}")
+    # after the restart from step 10: rank 0's 2nd checkpoint write (step 30) dies half-way
+    monkeypatch.setenv("MDLORA_FAULT_WRITE", f"train_state.json:2:{in_write}")
     cfg = run_config(logs, tmp_path / "registry")
     summary = pretrain(cfg, run_name="kill-test")
 
@@ -74,9 +79,10 @@ def test_pretrain_two_workers_survives_a_killed_worker(ray_local, logs, tmp_path
     metrics = json.loads((published / "metrics.json").read_text())
     manifest = json.loads((published / "manifest.json").read_text())
 
-    # the worker really died once at step 17 and the run resumed from the step-10 checkpoint
-    assert marker.read_text() == "17"
-    assert state["resumed_from"] == [10], state["resumed_from"]
+    # the worker really died at step 17 (resumed from the step-10 checkpoint), then rank 0 died
+    # writing the step-30 checkpoint: resumed from step 20, never from the half-written 30
+    assert marker.read_text() == "17" and in_write.exists()
+    assert state["resumed_from"] == [10, 20], state["resumed_from"]
     # tables are split across both ranks
     ranks = {r for t in plan["tables"].values() for r in t["ranks"]}
     assert ranks == {0, 1}, plan["tables"]

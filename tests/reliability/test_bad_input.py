@@ -52,6 +52,7 @@ SCHEMAS = {
     "table_dim_0": (lambda s: s["tables"][0].update(dim=0), ["dim", "0"]),
     "schema_unknown_key": (lambda s: s["tables"][0].update(dims=8), ["dims", "unknown key"]),
     "domain_value_path": (lambda s: s["domain"].update(values=["d00", "../x", "d02"]), ["'../x'"]),
+    "dim_not_shardable": (lambda s: s["tables"][0].update(dim=6), ["table 'user'", "6 columns", "multiple of 4"]),
 }
 
 # ---- config overrides on pretrain / adapt --------------------------------------------------------
@@ -63,6 +64,7 @@ CONFIGS = {
     "lora_alpha_0": ("adapt", ["lora.alpha=0"], ["alpha", "> 0"]),
     "lora_alpha_negative": ("adapt", ["lora.alpha=-2"], ["alpha", "-2"]),
     "world_size_over_cpus": ("pretrain", ["dist.world_size=64"], ["dist.world_size", "64", "CPUs"]),
+    "adapt_world_size_over_cpus": ("adapt", ["dist.world_size=64"], ["dist.world_size", "64", "CPUs"]),
     "row_wise_on_cpu": ("pretrain", ["dist.world_size=2", "dist.sharding_types=[row_wise]"],
                         ["row_wise", "cuda"]),
     "shard_unknown_table": ("pretrain", ["dist.table_sharding={nosuch: [column_wise]}"], ["nosuch"]),
@@ -154,7 +156,7 @@ BUNDLES = {
     "wrong_backbone_hash": (_manifest_edit(lambda m: m["backbone"].update(content_hash="0" * 64)),
                             ["backbone", "0" * 64]),
     "newer_format": (_manifest_edit(lambda m: m.update(format_version=99)), ["format_version 99", "newer"]),
-    "missing_manifest": (lambda d: (d / "manifest.json").unlink(), ["adapters/d00", "no published versions"]),
+    "missing_manifest": (lambda d: (d / "manifest.json").unlink(), ["adapters/d00 v0001", "incomplete, no manifest.json"]),
 }
 
 
@@ -184,3 +186,17 @@ def test_domain_names_with_path_characters_are_refused(name, world, tmp_path, ca
     _refused(capsys, ["bundles", "show", name, "--root", str(root)], [repr(name)])
     assert sorted(p.as_posix() for p in root.parent.rglob("*")) == before  # nothing written anywhere
     assert not list(tmp_path.iterdir())[1:]  # only run.yaml
+
+
+def test_demo_never_deletes_a_directory_it_did_not_make(tmp_path):
+    from tests.reliability.conftest import py_argv
+
+    (tmp_path / "mine.txt").write_text("precious\n")
+    r = py_argv(["-m", "jobs.demo", "--out", str(tmp_path)], env=None, timeout=120)
+    assert r.returncode != 0 and "is not an earlier demo's output" in r.stderr and str(tmp_path) in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+    assert (tmp_path / "mine.txt").read_text() == "precious\n"
+
+
+def test_bundles_verify_of_an_unknown_name_is_an_error(world, capsys):
+    _refused(capsys, ["bundles", "verify", "d0O", "--root", str(world["root"])], ["adapters/d0O", "no published versions"])

@@ -42,7 +42,9 @@ def _intact(reg: Registry, kind: str, name: str, versions: list[str], aliases: d
 
 
 def test_checkpoint(tmp_path):
-    """``save_checkpoint`` killed between the shards and the commit: ``latest`` stays on step 1."""
+    """``save_checkpoint`` (the commit protocol for checkpoints outside Ray Train) killed between
+    the shards and the commit: ``latest`` stays on step 1. Pretraining commits through Ray
+    Train's ``report``; rank 0 killed inside that write is ``tests/integration/test_pretrain.py``."""
     root = tmp_path / "ckpt"
     code = f"""
 import torch

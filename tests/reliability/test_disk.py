@@ -71,7 +71,8 @@ def test_disk_full_gen_logs(tmp_path, capsys):
     with file_size_limit(8 << 10):
         rc = main(["gen-logs", "--out", str(tmp_path / "out" / "logs"), "--rows", "20000", "--domains", "2"])
     assert rc == 2
-    _one_error(capsys, "gen-logs", "File too large", "No space left")
+    line = _one_error(capsys, "gen-logs", "File too large", "No space left")
+    assert str(tmp_path / "out" / "logs") in line  # names where it could not write
     assert _leftovers(tmp_path / "out") == []  # not even a hidden staging directory
 
 
@@ -82,7 +83,8 @@ def test_disk_full_score(world, tmp_path, capsys):
     with file_size_limit(2 << 10):
         rc = main(argv)
     assert rc == 2
-    _one_error(capsys, "score", "File too large", "No space left")
+    line = _one_error(capsys, "score", "File too large", "No space left")
+    assert str(out) in line
     assert _leftovers(tmp_path / "preds") == []
     assert main(argv) == 0 and _leftovers(tmp_path / "preds") == ["p.parquet"]  # room again: it works
 
@@ -93,8 +95,9 @@ def test_disk_full_registry_publish(world, tmp_path):
     reg = Registry(*open_fs(str(root)))
     source = tmp_path / "backbone"
     shutil.copytree(root / "backbones/ctr/v0001", source)
-    with file_size_limit(4 << 10), pytest.raises(OSError, match="File too large"):
+    with file_size_limit(4 << 10), pytest.raises(OSError, match="File too large") as err:
         reg.publish("backbones", "ctr", source)
+    assert str(root / "backbones" / "ctr" / "v0002") in str(err.value)
     assert reg.versions("backbones", "ctr") == ["v0001"]
     assert reg.aliases("backbones", "ctr") == {"latest": "v0001", "production": "v0001"}
     assert reg.verify("backbones", "ctr", "v0001") == []

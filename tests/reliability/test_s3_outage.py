@@ -136,3 +136,23 @@ def test_publish_survives_or_fails_cleanly(downtime, endpoint, tmp_path, monkeyp
     # the store is back: the next publish succeeds and is complete
     again = reg.publish("backbones", "ctr", src)
     assert reg.versions("backbones", "ctr")[-1] == again and reg.verify("backbones", "ctr", again) == []
+
+
+def test_a_cli_job_against_a_stopped_endpoint_fails_with_one_clear_line(endpoint, tmp_path):
+    """The store is down for the whole command: after the client's retries the command prints one
+    line naming the endpoint (no traceback, no secret), exits 1 and writes nothing."""
+    from tests.reliability.conftest import cli
+
+    env = {"MDLORA_S3_ENDPOINT": endpoint.url, "AWS_ACCESS_KEY_ID": "outage-key",
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1", "HOME": str(tmp_path)}
+    endpoint.stop()
+    try:
+        r = cli(["bundles", "--root", f"s3://{endpoint.bucket}/registry", "promote", "d00", "v0001"], env=env,
+                timeout=300)
+    finally:
+        endpoint.restart()
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert len(err) == 1 and err[0].startswith("mdlora bundles: error: storage unreachable: "), err[-5:]
+    assert endpoint.url in err[0] and SECRET not in r.stdout + r.stderr
+    assert not any(k.startswith("registry/") for k in endpoint.keys())
