@@ -13,14 +13,9 @@ Concurrency:
   (``fs.open(path, "xb")``: ``O_EXCL`` locally, ``If-None-Match: *`` on S3); a publisher that
   loses the race tries the next number. A crashed publisher leaves a version without a
   manifest, which is ignored and whose number is never reused.
-* **Aliases and history** live in one small JSON object per name, replaced in one write
-  (temp file + rename locally, a single PUT on S3), so readers never see a half update.
-  Read-modify-write of that object is serialised per name: locally by ``fcntl.flock`` on
-  ``<kind>/<name>/.lock``; on S3 by compare-and-swap (``If-Match`` on the ETag, or
-  ``If-None-Match: *`` for the first write), retried on conflict; each change tags its history
-  events with an id, so a retry whose earlier PUT landed (its reply lost) is not applied twice.
-  S3 stores that ignore these
-  conditional headers cannot serialise concurrent publishers of the same name.
+* **Aliases and history** live in one small JSON object per name, replaced whole and updated
+  with serialised read-modify-write (:mod:`adapters.document`: ``flock`` locally,
+  compare-and-swap on S3, applied once when a PUT's reply is lost).
 * Different names never write the same object, so jobs for different domains never conflict.
 
 Rollback replays the history: each promotion pushes the production version on a stack, each
@@ -29,19 +24,14 @@ rollback pops it, so repeated rollbacks walk back through earlier productions.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import fcntl
 import hashlib
 import json
 import os
-import random
 import re
 import socket
 import time
-import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +39,15 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from adapters.bundle import BundleManifest
-from mdlora.artifact import MANIFEST, ArtifactError, check_files, read_manifest, safe_relpath
-from mdlora.atomic import staging_dir, write_bytes
+from adapters.document import UpdateConflict, update_json
+from mdlora.artifact import MANIFEST, ArtifactError, check_files, local_copy, read_manifest
+from mdlora.atomic import write_bytes
 from mdlora.names import check_name
 
 KINDS = ("adapters", "backbones")
 ALIASES = "aliases.json"
 RESERVATION = ".reservation"
 _VERSION = re.compile(r"^v(\d{4,})$")
-_CAS_ATTEMPTS = 100
 
 
 class RegistryError(ValueError):
@@ -71,25 +61,6 @@ def version_name(number: int) -> str:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _precondition_failed(e: OSError) -> bool:
-    """True when an S3 conditional write lost a race (412, or 409 for concurrent conditionals)."""
-    if isinstance(e, FileExistsError):
-        return True
-    response = getattr(e.__cause__, "response", None) or {}
-    return response.get("Error", {}).get("Code") in {
-        "PreconditionFailed",
-        "ConditionalRequestConflict",
-    }
-
-
-def _cached_files(directory: Path) -> dict[str, str] | None:
-    """The ``files`` of a local copy's manifest, or None when there is no (readable) copy."""
-    try:
-        return read_manifest(str(directory))["files"]
-    except ArtifactError:
-        return None
 
 
 def _production_stack(history: list[dict[str, Any]]) -> list[str]:
@@ -249,9 +220,9 @@ class Registry:
         download into ``local_dir/<registry key>/<kind>/<name>/<vNNNN>`` atomically, where the
         key is a hash of the registry's URI (two buckets' ``ctr/v0001`` never share a copy), and
         reuse an earlier download only when its manifest lists exactly the files and hashes of
-        the registry's and its files match them (else it is downloaded again). Either way every file is checked against the manifest's sha256 before
-        the path is returned, so nothing modified is ever loaded. A manifest naming a file
-        outside its version directory is refused before anything is written.
+        the registry's and its files match them (:func:`mdlora.artifact.local_copy`). Either way
+        every file is checked against the manifest's sha256 before the path is returned, so
+        nothing modified is ever loaded.
         """
         version = self._version(kind, name, ref)
         src = f"{self._name_dir(kind, name)}/{version}"
@@ -260,21 +231,7 @@ class Registry:
         else:
             key = hashlib.sha256(self.uri(self.root).encode()).hexdigest()[:16]
             dest = Path(local_dir) / key / kind / name / version
-            remote = read_manifest(src, self.fs)
-            unsafe = sorted(rel for rel in remote["files"] if not safe_relpath(rel))
-            if unsafe:
-                raise RegistryError(f"{self.uri(src)}: its manifest names files outside the version: {unsafe}")
-            if _cached_files(dest) != remote["files"] or check_files(str(dest), remote["files"]):
-                try:  # none, another version's, or a damaged copy: download it (again)
-                    with staging_dir(dest, overwrite=dest.exists()) as tmp:
-                        for rel in sorted(remote["files"]):
-                            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                            self.fs.get_file(f"{src}/{rel}", str(tmp / rel))
-                        write_bytes(tmp / MANIFEST, json.dumps(remote, indent=2, sort_keys=True).encode())
-                except OSError:
-                    if _cached_files(dest) != remote["files"]:
-                        raise
-                    # another process fetched the same version at the same time: its copy serves
+            local_copy(self.fs, src, dest)
         problems = check_files(str(dest), read_manifest(str(dest))["files"])
         if problems:
             raise RegistryError(
@@ -310,52 +267,13 @@ class Registry:
         else:
             self.fs.pipe_file(path, data)
 
-    @contextlib.contextmanager
-    def _name_lock(self, kind: str, name: str) -> Iterator[None]:
-        path = f"{self._name_dir(kind, name)}/.lock"
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def _update(
-        self, kind: str, name: str, change: Callable[[dict[str, Any]], None]
-    ) -> dict[str, Any]:
+    def _update(self, kind: str, name: str, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Apply ``change`` (mutates a state dict; may raise) to the aliases object, serialised per name."""
-        path = f"{self._name_dir(kind, name)}/{ALIASES}"
-        if self.local:
-            with self._name_lock(kind, name):
-                state, _ = self._state(kind, name)
-                change(state)
-                self._put_bytes(path, json.dumps(state, indent=2, sort_keys=True).encode())
-                return state
-        op = uuid.uuid4().hex  # tags this change's history events
-        for _ in range(_CAS_ATTEMPTS):
-            state, etag = self._state(kind, name)
-            if any(e.get("op") == op for e in state["history"]):
-                return state  # an earlier attempt's PUT landed though its reply was lost: done once
-            state = copy.deepcopy(state)
-            before = len(state["history"])
-            change(state)
-            for event in state["history"][before:]:
-                event["op"] = op
-            body = json.dumps(state, indent=2, sort_keys=True).encode()
-            try:
-                if etag is None:
-                    self.fs.pipe_file(path, body, mode="create")
-                else:
-                    self.fs.pipe_file(path, body, IfMatch=etag)
-                return state
-            except OSError as e:
-                if not _precondition_failed(e):
-                    raise
-                time.sleep(random.uniform(0.01, 0.1))
-        raise RegistryError(
-            f"{kind}/{name}: gave up updating {ALIASES} after {_CAS_ATTEMPTS} conflicting writes"
-        )
+        try:
+            return update_json(self.fs, f"{self._name_dir(kind, name)}/{ALIASES}", lambda: self._state(kind, name),
+                               change)
+        except UpdateConflict as e:
+            raise RegistryError(f"{kind}/{name}: {e}") from None
 
     def publish(self, kind: str, name: str, local_dir: str | Path) -> str:
         """Copy a local artefact directory in as the next version and point ``latest`` at it.

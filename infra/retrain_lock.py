@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from adapters.registry import _precondition_failed
+from adapters.document import precondition_failed
 from infra.storage import is_s3, open_fs
 from mdlora.names import check_name
 
@@ -87,7 +87,7 @@ class RetrainLock:
         try:
             self.fs.pipe_file(self.path, self._lease(), mode="create")
         except OSError as e:
-            if not _precondition_failed(e):
+            if not precondition_failed(e):
                 raise
             self._take_over()
         self._etag = self._current_etag()
@@ -116,7 +116,7 @@ class RetrainLock:
             else:
                 self.fs.pipe_file(self.path, self._lease(), IfMatch=etag)
         except OSError as e:
-            if not _precondition_failed(e):
+            if not precondition_failed(e):
                 raise
             raise self._refuse("a retrain that took the expired lease first") from None
         log.warning("took over the expired retrain lock %s of %s", self.uri, holder)

@@ -26,7 +26,7 @@ from typing import Any
 
 import fsspec
 
-from mdlora.atomic import sha256_tree, write_json
+from mdlora.atomic import sha256_tree, staging_dir, write_bytes, write_json
 
 MANIFEST = "manifest.json"
 
@@ -129,3 +129,39 @@ def check_files(
                 f"{path}: sha256 mismatch (manifest {digest[:12]}, file {actual[:12]}); the file was modified or corrupted"
             )
     return problems
+
+
+def _files(directory: Path) -> dict[str, str] | None:
+    """The ``files`` of a local artefact's manifest, or None when there is no (readable) one."""
+    try:
+        return read_manifest(str(directory))["files"]
+    except ArtifactError:
+        return None
+
+
+def local_copy(fs: fsspec.AbstractFileSystem, src: str, dest: Path) -> None:
+    """Make ``dest`` a local copy of the artefact at ``src`` on ``fs`` (e.g. S3), atomically.
+
+    An existing copy is kept only when its manifest lists exactly the files and hashes of
+    ``src``'s and its files match them; otherwise (none, another artefact's, a damaged one) it is
+    downloaded again. Processes copying the same artefact at once all end up with one copy.
+
+    Raises:
+        ArtifactError: ``src``'s manifest is missing, or names a file outside its directory
+            (refused before anything is written).
+    """
+    remote = read_manifest(src, fs)
+    unsafe = sorted(rel for rel in remote["files"] if not safe_relpath(rel))
+    if unsafe:
+        raise ArtifactError(f"{fs.unstrip_protocol(src)}: its manifest names files outside the version: {unsafe}")
+    if _files(dest) == remote["files"] and not check_files(str(dest), remote["files"]):
+        return
+    try:
+        with staging_dir(dest, overwrite=dest.exists()) as tmp:
+            for rel in sorted(remote["files"]):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{src}/{rel}", str(tmp / rel))
+            write_bytes(tmp / MANIFEST, json.dumps(remote, indent=2, sort_keys=True).encode())
+    except OSError:
+        if _files(dest) != remote["files"]:
+            raise  # else another process copied the same artefact at the same time: its copy serves

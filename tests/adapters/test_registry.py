@@ -11,7 +11,7 @@ import pytest
 
 from adapters.registry import RESERVATION, Registry, RegistryError, _production_stack
 from jobs.cli import main
-from mdlora.artifact import MANIFEST, seal
+from mdlora.artifact import MANIFEST, ArtifactError, seal
 
 
 def make_artifact(directory: Path, payload: bytes = b"weights", kind: str = "adapter") -> Path:
@@ -306,7 +306,7 @@ def test_s3_fetch_cache_is_per_registry_checked_and_shared_safely(s3_env, tmp_pa
     manifest = json.loads(a.fs.cat_file(f"{a.root}/adapters/books/v0001/manifest.json"))
     manifest["files"]["../../../escaped.txt"] = "0" * 64
     a.fs.pipe_file(f"{a.root}/adapters/books/v0001/manifest.json", json.dumps(manifest).encode())
-    with pytest.raises(RegistryError, match="outside the version"):
+    with pytest.raises(ArtifactError, match="outside the version"):
         a.fetch("adapters", "books", "v0001", tmp_path / "cache2")
     assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "cache2").exists()
 
