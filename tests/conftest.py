@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
+
+# Ray Train's controller polls its workers every 2 s by default: each run waits up to a poll to
+# see its workers start, to register each reported checkpoint and to see them finish. The suite
+# makes ~30 short runs on 2 cores; polling every 0.1 s saves about a sixth of their wall time.
+# Every Ray a test starts inherits this (a job cluster's head gets it passed explicitly); the
+# product keeps Ray's default, which costs less CPU on long runs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
 def free_port() -> int:
