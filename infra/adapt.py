@@ -94,8 +94,21 @@ def _schema(cfg: AdaptConfig, backbone: BackboneInfo) -> Schema:
 # ---- 1. materialise (Ray Train workers) --------------------------------------------------------
 
 
+@dataclass
+class Source:
+    """Log datasets by split and the domains read from them; one materialisation reads several
+    (a scheduled retrain: the main logs for the schema's domains, and each domain added by
+    ``add-domain`` from its own logs)."""
+
+    splits: dict[str, str]
+    """``{"train", "validation", "test"}`` -> dataset (train required), or ``{"all": dataset}``:
+    one dataset whose rows are split 9:1 into train/validation by ``loop.seed``."""
+    domains: list[str]
+    """The domains whose rows are read from these datasets."""
+
+
 def materialise_worker(config: dict) -> None:
-    """One Ray Train worker: sharded frozen backbone -> this rank's features of every split."""
+    """One Ray Train worker: sharded frozen backbone -> this rank's features of every source's splits."""
     cfg = from_dict(AdaptConfig, config["adapt"])
     run = from_dict(RunConfig, config["run"])
     run.optim.sparse_optimizer, run.dist, run.data.batch_size = "sgd", cfg.dist, cfg.data.batch_size
@@ -109,13 +122,14 @@ def materialise_worker(config: dict) -> None:
     conv, local = BatchConverter(schema), max(1, cfg.data.batch_size // env.world_size)
 
     def save(directory: Path) -> None:
-        for split, uri in config["splits"].items():
-            data = LogDataset(uri, schema, window=cfg.data.window, domains=config["domains"])
-            feats = materialise(backbone, data.iter_batches(
-                local, rank=env.rank, world_size=env.world_size, shuffle=False, drop_last=False,
-                prefetch=cfg.data.prefetch, converter=conv))
-            save_file(dict(zip(("x", "labels", "domains", "aux"), feats.tensors(), strict=True)),
-                      str(directory / f"{split}-rank{env.rank:05d}.safetensors"))
+        for i, source in enumerate(config["sources"]):
+            for split, uri in source["splits"].items():
+                data = LogDataset(uri, schema, window=cfg.data.window, domains=source["domains"])
+                feats = materialise(backbone, data.iter_batches(
+                    local, rank=env.rank, world_size=env.world_size, shuffle=False, drop_last=False,
+                    prefetch=cfg.data.prefetch, converter=conv))
+                save_file(dict(zip(("x", "labels", "domains", "aux"), feats.tensors(), strict=True)),
+                          str(directory / f"s{i}-{split}-rank{env.rank:05d}.safetensors"))
         if env.is_main:
             save_file(Head.of(backbone).state_dict(), str(directory / HEAD))
 
@@ -129,15 +143,17 @@ def load_features(directory: Path, split: str, width: int, aux: int) -> Features
     return Features.cat(parts, width, aux)
 
 
-def materialise_splits(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema,
-                       splits: dict[str, str], domains: list[str], name: str) -> tuple[dict[str, Features], Head]:
-    """Run the sharded materialisation job; returns the features per split and the frozen head."""
+def materialise_sources(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, sources: list[Source],
+                        name: str) -> tuple[dict[str, Features], Head]:
+    """Run one sharded materialisation job over every source; returns the features per split
+    (``train``, ``validation``, ``test``: the sources' rows together, ``all`` splits divided 9:1)
+    and the frozen head."""
     ray_backend.init_ray(cfg.dist.address)
     ray_backend.check_cluster(cfg.dist.world_size, cfg.dist.cpus_per_worker, cfg.dist.device)
     result = ray_backend.run_workers(
         materialise_worker,
         {"adapt": to_dict(cfg), "run": to_dict(backbone.run), "schema": schema.to_dict(),
-         "backbone": str(backbone.path), "splits": splits, "domains": domains},
+         "backbone": str(backbone.path), "sources": [to_dict(src) for src in sources]},
         world_size=cfg.dist.world_size, device=cfg.dist.device, cpus_per_worker=cfg.dist.cpus_per_worker,
         max_failures=cfg.dist.max_failures, storage_path=cfg.output.run_dir, name=name, keep=1)
     try:
@@ -146,8 +162,13 @@ def materialise_splits(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema,
         model = build_backbone(schema, backbone.run.model, build_ebc(schema, "meta"))
         head = Head.of(model)
         head.load_state_dict(load_file(str(result.checkpoint / HEAD)))
-        return {s: load_features(result.checkpoint, s, model.input_dim, len(schema.aux))
-                for s in splits}, head
+        width, aux = model.input_dim, len(schema.aux)
+        parts = []
+        for i, src in enumerate(sources):
+            feats = {s: load_features(result.checkpoint, f"s{i}-{s}", width, aux) for s in src.splits}
+            parts.append(feats["all"].split(cfg.loop.seed) if "all" in feats else feats)
+        names = [s for s in ("train", "validation", "test") if any(s in p for p in parts)]
+        return {s: Features.cat([p[s] for p in parts if s in p], width, aux) for s in names}, head
     finally:
         shutil.rmtree(result.workdir, ignore_errors=True)
 
@@ -199,7 +220,7 @@ def _clean(metrics: dict) -> dict:
 
 
 def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head, results: list[DomainResult],
-            shared: dict, window: dict[str, str], promote_new: bool = True, run: str = "") -> dict[str, dict]:
+            shared: dict, windows: dict[str, dict[str, str]], promote_new: bool = True, run: str = "") -> dict[str, dict]:
     """One bundle per domain into the registry; promote where a domain has no production yet
     (unless ``promote_new`` is False: then no alias but ``latest`` moves). ``run`` is recorded in
     each manifest (a scheduled retrain's run key)."""
@@ -219,7 +240,7 @@ def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head
             manifest = BundleManifest(
                 domain=r.domain, method=cfg.lora.method, lora=lora, backbone=backbone.ref(),
                 schema_hash=schema.content_hash(), param_count=count, param_share=count / dense,
-                metrics=metrics, data_window=window, run=run)
+                metrics=metrics, data_window=windows[r.domain], run=run)
             write_bundle(Path(tmp) / r.domain, tensors, manifest)
             version = registry.publish("adapters", r.domain, Path(tmp) / r.domain)
             promoted = promote_new and "production" not in registry.aliases("adapters", r.domain)
@@ -253,25 +274,24 @@ class NoTrainingRows(ValueError):
     """None of the domains to train has a training row (in ``data.window``)."""
 
 
-def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, splits: dict[str, str],
-         domains: list[str], shared: dict | None, seed_split: bool, promote_new: bool = True,
-         run: str = "") -> dict:
+def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, sources: list[Source],
+         shared: dict | None, promote_new: bool = True, run: str = "") -> dict:
     t0 = time.time()
     name = f"adapt-{cfg.output.model}-{int(t0)}-{uuid.uuid4().hex[:8]}"  # concurrent jobs: own run dirs
-    feats, head = materialise_splits(cfg, backbone, schema, splits, domains, name)
-    if seed_split:  # one dataset: a seeded 9:1 train/validation split of its rows
-        feats = feats["all"].split(cfg.loop.seed)
+    feats, head = materialise_sources(cfg, backbone, schema, sources, name)
+    domains = [d for src in sources for d in src.domains]
     t1 = time.time()
     counts = {d: int((feats["train"].domains == schema.domain.index(d)).sum()) for d in domains}
     empty = sorted(d for d, n in counts.items() if n == 0)
     trained = [d for d in domains if counts[d] > 0]
     if not trained:
-        raise NoTrainingRows(f"no training rows for any of the domains {domains} in {splits}"
+        raise NoTrainingRows(f"no training rows for any of the domains {domains} in "
+                             f"{[src.splits for src in sources]}"
                              + (f" in the window {cfg.data.window}" if cfg.data.window else ""))
     results, shared_out = train_domains(cfg, head, schema, trained, feats, shared)
     t2 = time.time()
-    window = {"window": cfg.data.window or "all", **splits}
-    bundles = publish(cfg, backbone, schema, head, results, shared_out if shared is None else shared, window,
+    windows = {d: {"window": cfg.data.window or "all", **src.splits} for src in sources for d in src.domains}
+    bundles = publish(cfg, backbone, schema, head, results, shared_out if shared is None else shared, windows,
                       promote_new, run)
     return {"backbone": {"name": backbone.name, "version": backbone.version, "content_hash": backbone.content_hash},
             "method": cfg.lora.method, "bundles": bundles, "skipped_no_rows": empty,
@@ -290,13 +310,17 @@ def _prepare(cfg: AdaptConfig) -> tuple[AdaptConfig, BackboneInfo]:
     return cfg, open_backbone(cfg.output.root, cfg.output.model, cfg.output.backbone, _cache_dir(cfg))
 
 
-def adapt(cfg: AdaptConfig, domains: list[str] | None = None, *, promote_new: bool = True, run: str = "",
-          shared: dict | None = None) -> dict:
+def adapt(cfg: AdaptConfig, domains: list[str] | None = None, *, added: dict[str, dict[str, str]] | None = None,
+          promote_new: bool = True, run: str = "", shared: dict | None = None) -> dict:
     """Train and publish adapters of ``domains`` (default ``data.domains``, else every domain).
 
     Args:
         cfg: the adapt config.
-        domains: the domains to train (names of the backbone schema's vocabulary).
+        domains: the domains to train from ``data``'s logs (names of the backbone schema's
+            vocabulary); None: the default above.
+        added: domains outside the vocabulary (added by ``add-domain``) trained in the same run,
+            each from its own datasets (:attr:`Source.splits`, as its bundle records them): one
+            materialisation reads them all (a scheduled retrain's rebase).
         promote_new: False publishes without promoting domains that have no production bundle
             yet (a scheduled retrain promotes only after its gate).
         run: recorded in every manifest (a scheduled retrain's run key).
@@ -309,12 +333,16 @@ def adapt(cfg: AdaptConfig, domains: list[str] | None = None, *, promote_new: bo
     """
     cfg, backbone = _prepare(cfg)
     schema = _schema(cfg, backbone)
-    domains = list(domains or cfg.data.domains or schema.domain.values)
+    domains = list(domains if domains is not None else cfg.data.domains or schema.domain.values)
     for d in domains:
         schema.domain.index(d)  # ValueError naming an unknown domain
     splits = {"train": cfg.data.train} | ({"validation": cfg.data.val} if cfg.data.val else {}) \
         | ({"test": cfg.data.test} if cfg.data.test else {})
-    return _run(cfg, backbone, schema, splits, domains, shared, False, promote_new, run)
+    added = added or {}
+    sources = ([Source(splits, domains)] if domains else []) + [Source(sp, [d]) for d, sp in sorted(added.items())]
+    if not sources:
+        raise ValueError("adapt: no domains to train")
+    return _run(cfg, backbone, schema.with_domains(sorted(added)), sources, shared, promote_new, run)
 
 
 def domain_splits(data: str) -> dict[str, str]:
@@ -367,5 +395,5 @@ def add_domain(cfg: AdaptConfig, domain: str, data: str | dict[str, str], *, pro
             raise FileNotFoundError(f"{uri}: no such dataset")
     if shared is None and cfg.lora.method == "multilora":
         shared = production_shared(cfg, backbone, schema)
-    return _run(cfg, backbone, schema, splits, [domain], shared, "all" in splits, promote_new, run)
+    return _run(cfg, backbone, schema, [Source(splits, [domain])], shared, promote_new, run)
 

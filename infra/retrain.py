@@ -56,7 +56,8 @@ from safetensors.torch import load_file
 from adapters.bundle import WEIGHTS, BundleManifest
 from adapters.registry import Registry
 from embeddings.batch import LogValidationError
-from infra.adapt import SHARED, NoTrainingRows, adapt, add_domain, open_backbone
+from infra.adapt import SHARED, NoTrainingRows, adapt, open_backbone
+from infra.logs import LogDataset
 from infra.pretrain import cache_dir, find_published, pretrain, resolve_paths
 from infra.retrain_lock import RetrainLock, now
 from infra.score import Scorer
@@ -211,7 +212,8 @@ def rebase(cfg: RetrainConfig, version: str, window: str, tag: str, cache: Path)
     acfg.output = AdaptOutputConfig(root=root, model=model, run_dir=p.output.run_dir, backbone=version)
     registry = Registry(*open_fs(root))
     wanted = set(acfg.data.domains or [])
-    vocabulary = open_backbone(root, model, version, cache).schema.domain.values
+    schema = open_backbone(root, model, version, cache).schema
+    vocabulary = schema.domain.values
     natural = [d for d in vocabulary if not wanted or d in wanted]
     added = {d: m for d, m in added_domains(registry, model, vocabulary).items() if not wanted or d in wanted}
     done = {d: v for d in natural + list(added) if (v := registry.find("adapters", d, "run", tag))}
@@ -220,36 +222,36 @@ def rebase(cfg: RetrainConfig, version: str, window: str, tag: str, cache: Path)
     if done:
         log.info("retrain %s: reusing the bundles it already published: %s", tag, done)
 
-    def shared() -> dict | None:
-        """MultiLoRA: the aux LoRA state of this run's bundles (None: none yet, train it)."""
-        if acfg.lora.method != "multilora" or not out["adapters"]:
-            return None
-        d, v = next(iter(sorted(out["adapters"].items())))
+    shared = None  # MultiLoRA: the rest train against the aux LoRA state this run's bundles share
+    if acfg.lora.method == "multilora" and done:
+        d, v = min(done.items())
         tensors = load_file(str(registry.fetch("adapters", d, v, cache) / WEIGHTS))
-        return {k[len(SHARED):]: t for k, t in tensors.items() if k.startswith(SHARED)}
-
+        shared = {k[len(SHARED):]: t for k, t in tensors.items() if k.startswith(SHARED)}
     todo = [d for d in natural if d not in done]
-    if todo:
-        r = adapt(acfg, todo, promote_new=False, run=tag, shared=shared())
-        out["adapters"] |= {d: b["version"] for d, b in r["bundles"].items()}
-        out["skipped_no_rows"] += r["skipped_no_rows"]
+    extra = {}  # the added domains to rebase: their logs exist and can be windowed
     for d, m in sorted(added.items()):
+        splits = {k: v for k, v in m.data_window.items() if k in ("train", "validation", "test", "all")}
         if d in done:
             continue
-        splits = {k: v for k, v in m.data_window.items() if k in ("train", "validation", "test", "all")}
         if not splits:
             out["not_rebased"][d] = "its production bundle records no training logs"
             continue
         try:
-            r = add_domain(acfg, d, splits, promote_new=False, run=tag, shared=shared())
-        except NoTrainingRows:
-            out["skipped_no_rows"].append(d)
-            continue
+            for uri in splits.values():
+                LogDataset(uri, schema.with_domains([d]), window=window)
         except (FileNotFoundError, LogValidationError) as e:  # its logs went away or cannot be windowed
             log.warning("retrain %s: added domain %s not rebased: %s", tag, d, e)
             out["not_rebased"][d] = f"not rebased: {e}"
             continue
-        out["adapters"][d] = r["bundles"][d]["version"]
+        extra[d] = splits
+    if todo or extra:  # one materialisation for them all
+        try:
+            r = adapt(acfg, todo, added=extra, promote_new=False, run=tag, shared=shared)
+        except NoTrainingRows:
+            out["skipped_no_rows"] += todo + sorted(extra)
+        else:
+            out["adapters"] |= {d: b["version"] for d, b in r["bundles"].items()}
+            out["skipped_no_rows"] += r["skipped_no_rows"]
     return out
 
 
