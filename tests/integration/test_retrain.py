@@ -90,10 +90,10 @@ def world(ray_local, tmp_path_factory):
         flipped = pc.if_else(bad, pc.subtract(pa.scalar(1, click.type), click), click)
         pq.write_table(t.set_column(t.schema.get_field_index("click"), "click", flipped), f)
     data = [f"data.schema={logs}/schema.yaml", f"data.train={logs}/train", f"data.val={logs}/val"]
-    # window 0: a bare pretrain (2 workers) is production; then ADDED gets an adapter (add-domain)
+    # window 0: a bare pretrain is production; then ADDED gets an adapter (add-domain)
     pretrain(load_run_config(None, data + [f"output.root={reg}", "output.model=ctr", f"data.window={W0}",
                                            "data.batch_size=512", "loop.epochs=2", "loop.log_every=0",
-                                           "model.hidden=[32,16]", "dist.world_size=2", "dist.max_failures=0"]))
+                                           "model.hidden=[32,16]", "dist.max_failures=0"]))
     from infra.adapt import add_domain
 
     add_domain(load_adapt_config(None, data + [f"output.root={reg}", "output.model=ctr", "lora.alpha=4",

@@ -144,7 +144,8 @@ def test_a_cli_job_against_a_stopped_endpoint_fails_with_one_clear_line(endpoint
     from tests.reliability.conftest import cli
 
     env = {"MDLORA_S3_ENDPOINT": endpoint.url, "AWS_ACCESS_KEY_ID": "outage-key",
-           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1", "HOME": str(tmp_path)}
+           "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1", "HOME": str(tmp_path),
+           "AWS_MAX_ATTEMPTS": "2"}  # the default retries only make the test longer
     endpoint.stop()
     try:
         r = cli(["bundles", "--root", f"s3://{endpoint.bucket}/registry", "promote", "d00", "v0001"], env=env,
