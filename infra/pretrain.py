@@ -31,7 +31,7 @@ from embeddings.sharding import format_plan
 from embeddings.tables import build_ebc
 from infra import ray_backend
 from infra.logs import LogDataset
-from infra.storage import is_s3, open_fs
+from infra.storage import check_writable, is_s3, open_fs
 from mdlora import __version__
 from mdlora.artifact import seal
 from mdlora.atomic import write_json
@@ -87,7 +87,8 @@ def preflight(cfg: RunConfig, schema: Schema, logs: list[LogDataset]) -> None:
     * the tables must be shardable over ``dist.world_size`` ranks with the allowed sharding types
       (the same planner call as ``mdlora plan``, on the meta device);
     * every log dataset must have the schema's columns, and the first record batch of its first
-      file must convert cleanly (a cheap probe: the converter still checks every batch).
+      file must convert cleanly (a cheap probe: the converter still checks every batch);
+    * ``output.root`` and ``output.run_dir`` must be writable (:func:`check_writable`).
 
     Raises:
         ValueError: naming the config key, table, file, column or value at fault.
@@ -109,6 +110,8 @@ def preflight(cfg: RunConfig, schema: Schema, logs: list[LogDataset]) -> None:
             problems = find_problems(schema, next(iter(data.read_piece(piece))))
             if problems:
                 raise LogValidationError(problems[0].message(piece.path))
+    check_writable(cfg.output.root, "output.root")  # not after an hour of training
+    check_writable(cfg.output.run_dir, "output.run_dir")
 
 
 def check_cpus(d: DistConfig) -> None:

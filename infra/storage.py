@@ -12,7 +12,9 @@ Lower layers write local directories only; this module moves them to/from S3.
 
 from __future__ import annotations
 
+import errno
 import os
+import uuid
 from typing import Any
 
 import fsspec
@@ -49,3 +51,35 @@ def open_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
         return s3fs.S3FileSystem(**s3_options()), str(uri)[len("s3://") :].rstrip("/")
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(str(uri)))
+
+
+def check_writable(uri: str, what: str) -> None:
+    """Refuse, before any work starts, an output location this process cannot write.
+
+    Writes and deletes an empty probe object: in the nearest existing directory of a local
+    path (so nothing is left behind, not even the missing directories), under the prefix on S3
+    (a missing bucket, no ``PutObject`` permission). A full disk is not detected here (the
+    probe is empty); writers report it with the file they could not write.
+
+    Args:
+        uri: local path or ``s3://`` URI.
+        what: the config key it comes from, named in the error.
+
+    Raises:
+        OSError: naming ``what``, ``uri`` and the reason; its builtin subclass is kept
+            (``PermissionError``, ``FileNotFoundError`` for a missing bucket, ``NotADirectoryError``).
+    """
+    fs, path = open_fs(uri)
+    if not is_s3(uri):
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise NotADirectoryError(errno.ENOTDIR, f"{what}: {uri}: {path} is not a directory")
+    probe = f"{path}/.mdlora-write-probe-{uuid.uuid4().hex}"
+    try:
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except OSError as e:
+        kind = type(e) if type(e).__module__ == "builtins" else OSError  # FileNotFoundError: no bucket
+        message = f"{what}: {uri} is not writable ({e.strerror or e})"
+        raise (kind(e.errno, message) if e.errno else kind(message)) from None

@@ -16,11 +16,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import ray
 
 from adapters.registry import Registry
 from infra.storage import open_fs
 from jobs.cli import main
-from tests.reliability.conftest import adapt_overrides, sets
+from tests.reliability.conftest import adapt_overrides, run_overrides, sets
 
 
 @contextlib.contextmanager
@@ -119,6 +120,26 @@ def test_permission_denied_score(world, tmp_path, capsys):
         line = _one_error(capsys, "score", "Permission denied", "Operation not permitted")
         assert str(ro) in line
         assert _leftovers(ro) == []
+
+
+@pytest.mark.parametrize("job", ["pretrain", "adapt"])
+def test_permission_denied_training_output_is_refused_before_ray(job, world, tmp_path, capsys):
+    """A registry the job could not publish to is refused before Ray starts, not after training."""
+    if ray.is_initialized():
+        ray.shutdown()
+    config = tmp_path / "run.yaml"
+    config.write_text("{}\n")
+    root = tmp_path / "ro"
+    if job == "adapt":  # the backbone to adapt is there (readable); the bundles could not be
+        shutil.copytree(world["root"], root)
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+    overrides = run_overrides if job == "pretrain" else adapt_overrides
+    with read_only(root):
+        assert main([job, "--config", str(config), *sets(overrides(world["logs"], root))]) == 2
+        line = _one_error(capsys, job, "Permission denied", "Operation not permitted")
+        assert "output.root" in line and str(root) in line
+        assert not ray.is_initialized()
+        assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # no probe left
 
 
 def test_file_where_a_directory_is_expected(tmp_path, capsys):
