@@ -38,8 +38,8 @@ from embeddings.schema import Schema
 from embeddings.tables import build_ebc
 from infra import ray_backend
 from infra.logs import LogDataset
-from infra.pretrain import cache_dir, check_cpus, load_schema, resolve_paths
-from infra.storage import check_writable, open_fs
+from infra.pretrain import cache_dir, check_cpus, check_outputs, load_schema, resolve_paths
+from infra.storage import open_fs
 from mdlora.artifact import read_manifest
 from mdlora.config import from_dict, to_dict
 from trainer.adapt import DomainResult, Features, Head, materialise, train_mlora, train_multilora
@@ -307,8 +307,7 @@ def _cache_dir(cfg: AdaptConfig) -> Path:
 def _prepare(cfg: AdaptConfig) -> tuple[AdaptConfig, BackboneInfo]:
     cfg = resolve_paths(cfg)
     check_cpus(cfg.dist)  # before Ray starts: an embedded Ray would wait forever
-    check_writable(cfg.output.root, "output.root")  # the bundles are published there after training
-    check_writable(cfg.output.run_dir, "output.run_dir")
+    check_outputs(cfg.output.root, cfg.output.run_dir)  # the bundles are published there after training
     return cfg, open_backbone(cfg.output.root, cfg.output.model, cfg.output.backbone, _cache_dir(cfg))
 
 

@@ -88,7 +88,7 @@ def preflight(cfg: RunConfig, schema: Schema, logs: list[LogDataset]) -> None:
       (the same planner call as ``mdlora plan``, on the meta device);
     * every log dataset must have the schema's columns, and the first record batch of its first
       file must convert cleanly (a cheap probe: the converter still checks every batch);
-    * ``output.root`` and ``output.run_dir`` must be writable (:func:`check_writable`).
+    * ``output.root`` and ``output.run_dir`` must be writable (:func:`check_outputs`).
 
     Raises:
         ValueError: naming the config key, table, file, column or value at fault.
@@ -110,8 +110,7 @@ def preflight(cfg: RunConfig, schema: Schema, logs: list[LogDataset]) -> None:
             problems = find_problems(schema, next(iter(data.read_piece(piece))))
             if problems:
                 raise LogValidationError(problems[0].message(piece.path))
-    check_writable(cfg.output.root, "output.root")  # not after an hour of training
-    check_writable(cfg.output.run_dir, "output.run_dir")
+    check_outputs(cfg.output.root, cfg.output.run_dir)  # not after an hour of training
 
 
 def check_cpus(d: DistConfig) -> None:
@@ -128,6 +127,13 @@ def check_cpus(d: DistConfig) -> None:
     if d.device == "cpu" and not (d.address or os.environ.get("RAY_ADDRESS")) and need > have:
         raise ValueError(f"dist.world_size: {d.world_size} workers x {d.cpus_per_worker} CPUs need {need} "
                          f"CPUs, this machine has {have}; lower it or set dist.address to a Ray cluster")
+
+
+def check_outputs(root: str, run_dir: str) -> None:
+    """Refuse an ``output.root`` / ``output.run_dir`` this process cannot write, before Ray starts
+    (:func:`infra.storage.check_writable`)."""
+    check_writable(root, "output.root")
+    check_writable(run_dir, "output.run_dir")
 
 
 def worker(config: dict) -> None:

@@ -230,9 +230,9 @@ def rebase(cfg: RetrainConfig, version: str, window: str, tag: str, cache: Path)
     todo = [d for d in natural if d not in done]
     extra = {}  # the added domains to rebase: their logs exist and can be windowed
     for d, m in sorted(added.items()):
-        splits = {k: v for k, v in m.data_window.items() if k in ("train", "validation", "test", "all")}
         if d in done:
             continue
+        splits = {k: v for k, v in m.data_window.items() if k in ("train", "validation", "test", "all")}
         if not splits:
             out["not_rebased"][d] = "its production bundle records no training logs"
             continue
