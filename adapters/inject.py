@@ -1,9 +1,9 @@
 """Put per-domain adapters on the Linear layers of a model's tower, freeze everything else.
 
 :func:`inject` swaps the target ``nn.Linear`` modules of ``model.<root>`` in place for
-:class:`~adapters.lora.DomainLoRALinear` (``mlora``) or
-:class:`~adapters.multilora.MultiLoRALinear` (``multilora``), all sharing one
-:class:`~adapters.lora.Router`, and returns an :class:`AdaptedModel` handle. The tower's forward
+:class:`~mdlora.adapters.lora.DomainLoRALinear` (``mlora``) or
+:class:`~mdlora.adapters.multilora.MultiLoRALinear` (``multilora``), all sharing one
+:class:`~mdlora.adapters.lora.Router`, and returns an :class:`AdaptedModel` handle. The tower's forward
 is unchanged; the caller routes each batch::
 
     adapted = inject(model, LoraConfig(alpha=16), domains=["books", "films"])
@@ -28,9 +28,9 @@ from fnmatch import fnmatchcase
 import torch
 from torch import Tensor, nn
 
-from adapters.config import LoraConfig
-from adapters.lora import DomainLoRALinear, Router, _AdaptedLinear
-from adapters.multilora import MultiLoRALinear
+from mdlora.adapters.config import LoraConfig
+from mdlora.adapters.lora import DomainLoRALinear, Router, _AdaptedLinear
+from mdlora.adapters.multilora import MultiLoRALinear
 
 
 class AdaptedModel:

@@ -11,7 +11,7 @@ One of A_d/B_d starts kaiming-uniform (as PEFT's ``lora_A``), the other and b_d 
 the update is exactly zero at init and the zero factor still gets a gradient
 (dL/dB_d = (x A_d)^T g when B_d = 0), so both factors train from the first steps.
 
-The MultiLoRA layer (:mod:`adapters.multilora`) builds on the same routed low-rank sets.
+The MultiLoRA layer (:mod:`mdlora.adapters.multilora`) builds on the same routed low-rank sets.
 
 Routing. Rows carry a slot, the index of their domain in the layer's ``domains`` (-1: no
 adapter, base output only). Slots reach layers nested anywhere in a tower through a shared

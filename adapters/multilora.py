@@ -1,6 +1,6 @@
 """MultiLoRA layer: domain and aux-value LoRAs, attention fusion, per-combined-domain BN.
 
-Letters and routing as in :mod:`adapters.lora`. For a row x of domain d and aux value a::
+Letters and routing as in :mod:`mdlora.adapters.lora`. For a row x of domain d and aux value a::
 
     h   = x W^T + b_W                                       frozen output, the fusion query
     u_d = scaling · s_d ⊙ (U_d D_d x) + b_d                 D [r, d_in], s [d_out] Gaussian;
@@ -31,7 +31,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from adapters.lora import Route, RoutedLoRA, Router, _AdaptedLinear, _onehot, domain_key
+from mdlora.adapters.lora import Route, RoutedLoRA, Router, _AdaptedLinear, _onehot, domain_key
 
 
 class MultiLoRALinear(_AdaptedLinear):

@@ -14,7 +14,7 @@ Concurrency:
   loses the race tries the next number. A crashed publisher leaves a version without a
   manifest, which is ignored and whose number is never reused.
 * **Aliases and history** live in one small JSON object per name, replaced whole and updated
-  with serialised read-modify-write (:mod:`adapters.document`: ``flock`` locally,
+  with serialised read-modify-write (:mod:`mdlora.adapters.document`: ``flock`` locally,
   compare-and-swap on S3, applied once when a PUT's reply is lost).
 * Different names never write the same object, so jobs for different domains never conflict.
 
@@ -38,8 +38,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from adapters.bundle import BundleManifest
-from adapters.document import UpdateConflict, update_json
+from mdlora.adapters.bundle import BundleManifest
+from mdlora.adapters.document import UpdateConflict, update_json
 from mdlora.artifact import MANIFEST, ArtifactError, check_files, local_copy, read_manifest
 from mdlora.atomic import write_bytes
 from mdlora.names import check_name
@@ -77,7 +77,7 @@ class Registry:
     """Versions, aliases (``latest``, ``production``) and history of artefacts under ``root``.
 
     Args:
-        fs: fsspec filesystem (``infra.storage.open_fs(uri)`` returns it with the path).
+        fs: fsspec filesystem (``mdlora.infra.storage.open_fs(uri)`` returns it with the path).
         root: registry root inside ``fs`` (a local path, or ``bucket/prefix`` for S3).
 
     Example::

@@ -35,18 +35,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from adapters.config import LoraConfig
-from adapters.inject import inject
+from mdlora.adapters.config import LoraConfig
+from mdlora.adapters.inject import inject
 from benchmarks.common import machine, write_results
-from embeddings.batch import BatchConverter
-from embeddings.schema import Schema
-from infra.logs import LogDataset
-from infra.synth import generate
-from trainer.adapt import Features, Head, materialise, train_mlora
-from trainer.config import AdaptTrainConfig, LoopConfig, RunConfig
-from trainer.env import DistEnv
-from trainer.loop import Hooks, train
-from trainer.recipes import setup_pretrain
+from mdlora.embeddings.batch import BatchConverter
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.logs import LogDataset
+from mdlora.infra.synth import generate
+from mdlora.trainer.adapt import Features, Head, materialise, train_mlora
+from mdlora.trainer.config import AdaptTrainConfig, LoopConfig, RunConfig
+from mdlora.trainer.env import DistEnv
+from mdlora.trainer.loop import Hooks, train
+from mdlora.trainer.recipes import setup_pretrain
 
 REPEAT = (
     3  # timed pieces: the fastest of 3 runs (pretrain epoch, adapter epochs, add-domain training)
@@ -94,7 +94,7 @@ def param_shares(head: Head, alphas: list[float]) -> dict[str, dict]:
 def bundle_bytes(schema: Schema, head: Head, lora: LoraConfig, domain: str, work: Path) -> dict:
     """Bytes on disk of one domain's bundle (``write_bundle``) vs the backbone's fp32 parameter
     bytes (tables + tower + output)."""
-    from adapters.bundle import BackboneRef, BundleManifest, write_bundle
+    from mdlora.adapters.bundle import BackboneRef, BundleManifest, write_bundle
     from mdlora.config import to_dict
 
     adapted = inject(Head.of(head), lora, [domain])

@@ -1,7 +1,7 @@
 """The CUDA path on a real GPU: nccl, row-wise sharding, CUDA fbgemm-gpu fused optimisers.
 
-Runs the same code the CPU jobs run (``trainer.recipes.setup_pretrain``, ``trainer.loop``,
-``embeddings.sharding``/``checkpoint``) on ``cuda`` with a 1-rank nccl group, on the reference
+Runs the same code the CPU jobs run (``mdlora.trainer.recipes.setup_pretrain``, ``mdlora.trainer.loop``,
+``mdlora.embeddings.sharding``/``checkpoint``) on ``cuda`` with a 1-rank nccl group, on the reference
 model (10 tables x 100k x 16, MLP 256-128, batch 2048), and checks:
 
 * the plan is row-wise with fused (TBE) kernels on cuda, and the planner can plan 8 x 80 GB;
@@ -26,13 +26,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from embeddings.batch import BatchConverter
-from embeddings.schema import Schema
+from mdlora.embeddings.batch import BatchConverter
+from mdlora.embeddings.schema import Schema
 from mdlora.config import from_dict
-from trainer.config import RunConfig
-from trainer.env import DistEnv
-from trainer.loop import train_step
-from trainer.recipes import load_unsharded, setup_pretrain
+from mdlora.trainer.config import RunConfig
+from mdlora.trainer.env import DistEnv
+from mdlora.trainer.loop import train_step
+from mdlora.trainer.recipes import load_unsharded, setup_pretrain
 
 TABLES, ROWS, DIM, BATCH = 10, 100_000, 16, 2048
 
@@ -113,7 +113,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
     # GPU-written checkpoint -> unsharded CPU model: same predictions
     with tempfile.TemporaryDirectory() as d:
-        from embeddings.checkpoint import write_shards
+        from mdlora.embeddings.checkpoint import write_shards
 
         write_shards(Path(d), setup.model, setup.optimizer)
         cpu = load_unsharded(d, schema, from_dict(RunConfig, {"model": {"hidden": [256, 128]}}).model)
@@ -124,10 +124,10 @@ def main() -> None:
             _, (_, cpu_logits, _) = cpu(b)
         report["gpu_to_cpu_max_abs_diff"] = float((gpu_logits.cpu() - cpu_logits).abs().max())
     # planning for a cluster topology (simulation): 8 x 80 GB
-    from embeddings import sharding
-    from embeddings.tables import build_ebc
-    from trainer.backbone import build_backbone
-    from trainer.task import CTRTask
+    from mdlora.embeddings import sharding
+    from mdlora.embeddings.tables import build_ebc
+    from mdlora.trainer.backbone import build_backbone
+    from mdlora.trainer.task import CTRTask
 
     sim = CTRTask(build_backbone(schema, from_dict(RunConfig, {}).model, build_ebc(schema, "meta")))
     sharding.apply_sparse_optimizer(sim, "adam", 0.01, "cuda")

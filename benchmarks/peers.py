@@ -12,8 +12,8 @@ measures the training step alone (an upper bound for a system that also reads Pa
 - ``torchrec``: raw TorchRec under torchrun: EBC on meta, ``EmbeddingShardingPlanner``
   (cpu topology, no constraints), DMP over gloo, fused rowwise Adagrad via
   ``apply_optimizer_in_backward``, dense Adam. Each rank trains its own B / W rows per step.
-- ``ab``: under torchrun, raw TorchRec and mdlora's own step (``trainer.recipes.setup_pretrain``
-  + ``trainer.loop.train_step``) built side by side in ONE process group and timed in
+- ``ab``: under torchrun, raw TorchRec and mdlora's own step (``mdlora.trainer.recipes.setup_pretrain``
+  + ``mdlora.trainer.loop.train_step``) built side by side in ONE process group and timed in
   alternating blocks of ``BLOCK`` steps on the same batches: on a shared machine both see the
   same load, so their ratio isolates the model/step from Ray, Parquet and the machine.
 
@@ -45,9 +45,9 @@ if __name__ == "__main__":  # run as a script (torchrun): make the repo importab
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import peak_rss_mb
-from embeddings.batch import Batch, BatchConverter
-from embeddings.schema import Schema
-from infra.logs import LogDataset
+from mdlora.embeddings.batch import Batch, BatchConverter
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.logs import LogDataset
 
 VARIANTS = ("sparse_adagrad", "sparse_adam", "dense_adagrad")
 DISTINCT_BATCHES = 32  # batches cycled through; enough that hot rows differ step to step
@@ -238,10 +238,10 @@ def mdlora_step(schema: Schema, hidden: list[int], batch: int):
     """mdlora's own model, optimisers and step (``setup_pretrain`` + ``train_step``) -> step."""
     import torch.distributed as dist
 
-    from trainer.config import RunConfig
-    from trainer.env import DistEnv
-    from trainer.loop import train_step
-    from trainer.recipes import setup_pretrain
+    from mdlora.trainer.config import RunConfig
+    from mdlora.trainer.env import DistEnv
+    from mdlora.trainer.loop import train_step
+    from mdlora.trainer.recipes import setup_pretrain
 
     cfg = RunConfig()
     cfg.data.batch_size, cfg.model.hidden = batch, hidden

@@ -8,7 +8,7 @@ threads = cores / processes, all at the niceness of mdlora's Ray workers (``RAY_
 2. ``torchrec``: raw TorchRec DMP under torchrun (1 and 2 gloo processes), pre-converted KJTs.
 3. ``ab``: raw TorchRec and mdlora's own step in one torchrun group, alternating blocks (their
    ratio is immune to the machine's load: both see the same minutes).
-4. ``mdlora``: ``infra.pretrain.pretrain(cfg)`` through Ray Train, streaming Parquet (1 and 2
+4. ``mdlora``: ``mdlora.infra.pretrain.pretrain(cfg)`` through Ray Train, streaming Parquet (1 and 2
    workers). ONE child process starts Ray once and runs every (workload, world size) one after
    the other. Steady samples/s comes from rank 0's progress lines (``step N/M ... R samples/s``,
    each the rate of its own ``log_every`` steps on the worker's clock), intervals after the
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from benchmarks.common import compute_bound, failure, launch
 from benchmarks.profiling import bottleneck, summarise
-from infra.ray_backend import WORKER_NICENESS
+from mdlora.infra.ray_backend import WORKER_NICENESS
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "benchmarks" / "peers.py"
@@ -40,7 +40,7 @@ PROGRESS = re.compile(r"step (\d+)/(\d+) epoch \d+ loss \S+ (\d+) samples/s")
 CORES = os.cpu_count() or 1
 WORLDS = (1, 2)
 RAY_WORKER_NICE = WORKER_NICENESS
-"""mdlora's embedded Ray runs its workers at this niceness (``infra.ray_backend``); peers run at the
+"""mdlora's embedded Ray runs its workers at this niceness (``mdlora.infra.ray_backend``); peers run at the
 same niceness so that other load on a shared machine slows every trainer alike."""
 
 
@@ -107,10 +107,10 @@ def run_peer(
 
 def mdlora_child() -> None:
     """Subprocess entry: start Ray, then ``pretrain`` every run of the JSON list in argv[1]."""
-    from infra import ray_backend
-    from infra.pretrain import pretrain
+    from mdlora.infra import ray_backend
+    from mdlora.infra.pretrain import pretrain
     from mdlora.config import from_dict
-    from trainer.config import RunConfig
+    from mdlora.trainer.config import RunConfig
 
     t0 = time.time()
     ray_backend.init_ray("", num_cpus=CORES)
@@ -269,7 +269,7 @@ def measure_workload(
 
 def bound_for(wl: dict, seconds: float) -> dict:
     """The dense compute bound of a workload's tower (E from its schema)."""
-    from embeddings.schema import Schema
+    from mdlora.embeddings.schema import Schema
 
     schema = Schema.load(wl["schema"])
     return compute_bound(

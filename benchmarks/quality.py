@@ -2,7 +2,7 @@
 
 Methods (:mod:`benchmarks.quality_methods`): ``single`` (a backbone per domain, its rows only),
 ``mix`` (one backbone on all domains = the pretrained backbone), ``finetune`` (Mix fully
-fine-tuned per domain), ``shared_bottom``, ``mmoe``, ``star`` (:mod:`trainer.baselines`),
+fine-tuned per domain), ``shared_bottom``, ``mmoe``, ``star`` (:mod:`mdlora.trainer.baselines`),
 ``mlora`` (SingleLoRA), ``multilora`` and its no-fusion ablations ``multilora_add`` /
 ``multilora_avg``. All share the embedding layer (dim from the schema: 16) and the tower
 config (MLP [256, 128]); LoRA ranks [8, 8]; Adam. Everything runs in-process on CPU without
@@ -15,7 +15,7 @@ by a coordinate search over ``--lrs`` then ``--batches`` (MultiLoRA paper grid; 
 seed's validation split, per family (MLoRA; MultiLoRA, reused by its add/avg ablations), at
 Mix's batch. Every model stops early on validation WAUC (``--patience`` epochs, at most
 ``--epochs`` / ``--adapter-epochs``) and keeps its best state; the test split is scored once per
-seed with :class:`trainer.metrics.DomainMetrics`. Progress goes to stdout.
+seed with :class:`mdlora.trainer.metrics.DomainMetrics`. Progress goes to stdout.
 
 Outputs in ``--out``: ``quality_<name>.json`` (every figure, per seed and mean ± std, the
 command), ``.md`` (tables) and ``.png`` (per-domain AUC bars).
@@ -47,7 +47,7 @@ from benchmarks.quality_data import load
 from benchmarks.quality_methods import FULL, METHODS, Hyper, Outcome, SeedRun, metrics
 from benchmarks.quality_report import markdown, plot, summarise
 from mdlora.atomic import write_bytes
-from trainer.config import AdaptTrainConfig, ModelConfig
+from mdlora.trainer.config import AdaptTrainConfig, ModelConfig
 
 RULE = ("full models: Mix's (lr, batch) by validation WAUC on the first seed (lr at the first batch, "
         "then the batch at that lr; trials of at most {select_epochs} epoch(s)), reused by every "

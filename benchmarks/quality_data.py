@@ -1,7 +1,7 @@
 """Data of the quality harness: MovieLens (HAMUR protocol) or synthetic logs, held in memory.
 
-Splits are Arrow tables converted to :class:`~embeddings.batch.Batch` by the same
-:class:`~embeddings.batch.BatchConverter` the distributed jobs use. Training batches are a full
+Splits are Arrow tables converted to :class:`~mdlora.embeddings.batch.Batch` by the same
+:class:`~mdlora.embeddings.batch.BatchConverter` the distributed jobs use. Training batches are a full
 random permutation of the split per epoch (seeded by ``(seed, epoch)``): MovieLens rows are
 sorted by user, and a streaming shuffle buffer would leave batches user-clustered.
 """
@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
 
-from embeddings.batch import Batch, BatchConverter
-from embeddings.schema import Schema
-from infra import movielens
-from infra.synth import generate
+from mdlora.embeddings.batch import Batch, BatchConverter
+from mdlora.embeddings.schema import Schema
+from mdlora.infra import movielens
+from mdlora.infra.synth import generate
 
 EVAL_ROWS = 65536
 SPLITS = ("train", "validation", "test")
@@ -97,7 +97,7 @@ class Data:
 
 
 def load_movielens(path: str) -> Data:
-    """MovieLens-1M/100K with the HAMUR protocol (``infra.movielens.convert``, split seed 0)."""
+    """MovieLens-1M/100K with the HAMUR protocol (``mdlora.infra.movielens.convert``, split seed 0)."""
     table, stats, schema = movielens.convert(path, seed=0)
     split = table["split"].to_numpy()
     body = table.drop_columns(["split"])
@@ -112,7 +112,7 @@ def load_synthetic(path: str, seed: int = 0, **gen_args) -> Data:
     Args:
         path: gen-logs output directory (empty or absent to generate; "" for a temporary one).
         seed: generator seed (when generating).
-        **gen_args: :func:`infra.synth.generate` arguments overriding :data:`SYNTH`.
+        **gen_args: :func:`mdlora.infra.synth.generate` arguments overriding :data:`SYNTH`.
 
     Returns:
         The data (``source`` holds the generator arguments and truth.json's oracle AUCs).

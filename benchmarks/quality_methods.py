@@ -1,10 +1,10 @@
 """The methods of the quality harness, trained in-process on CPU with the jobs' model code.
 
 Full models (Mix, Single, Fine-tune, Shared-Bottom, MMoE, STAR) train with
-:func:`trainer.loop.train` (the pretrain loop, at world size 1 without a process group) on an
-unsharded :func:`embeddings.tables.build_ebc`, one Adam over every trainable parameter; the
+:func:`mdlora.trainer.loop.train` (the pretrain loop, at world size 1 without a process group) on an
+unsharded :func:`mdlora.embeddings.tables.build_ebc`, one Adam over every trainable parameter; the
 state with the best validation WAUC is kept (``Hooks.report`` snapshots it). Adapters (MLoRA,
-MultiLoRA and its add/avg ablations) train with :mod:`trainer.adapt` on features materialised
+MultiLoRA and its add/avg ablations) train with :mod:`mdlora.trainer.adapt` on features materialised
 once per seed from the trained Mix backbone, which is frozen.
 
 Per seed, :class:`SeedRun` trains Mix once and shares it with Fine-tune and the adapters, and
@@ -21,18 +21,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from adapters.config import LoraConfig
-from adapters.inject import inject
+from mdlora.adapters.config import LoraConfig
+from mdlora.adapters.inject import inject
 from benchmarks.quality_data import Data, Split
-from embeddings.tables import build_ebc
-from trainer import adapt
-from trainer.backbone import build_backbone
-from trainer.baselines import STAR, DomainCTRTask, MMoE, SharedBottom
-from trainer.config import AdaptTrainConfig, LoopConfig, ModelConfig
-from trainer.env import DistEnv
-from trainer.loop import Hooks, train
-from trainer.metrics import DomainMetrics
-from trainer.task import CTRTask
+from mdlora.embeddings.tables import build_ebc
+from mdlora.trainer import adapt
+from mdlora.trainer.backbone import build_backbone
+from mdlora.trainer.baselines import STAR, DomainCTRTask, MMoE, SharedBottom
+from mdlora.trainer.config import AdaptTrainConfig, LoopConfig, ModelConfig
+from mdlora.trainer.env import DistEnv
+from mdlora.trainer.loop import Hooks, train
+from mdlora.trainer.metrics import DomainMetrics
+from mdlora.trainer.task import CTRTask
 
 FULL = ("single", "mix", "finetune", "shared_bottom", "mmoe", "star")
 ADAPTERS = ("mlora", "multilora", "multilora_add", "multilora_avg")
@@ -77,7 +77,7 @@ def count(params) -> int:
 
 
 def metrics(probs: Tensor, split: Split, domains: list[str]) -> dict:
-    """Exact per-domain AUC / LogLoss, total AUC, WAUC (:class:`trainer.metrics.DomainMetrics`)."""
+    """Exact per-domain AUC / LogLoss, total AUC, WAUC (:class:`mdlora.trainer.metrics.DomainMetrics`)."""
     m = DomainMetrics(domains)
     m.update(probs, split.labels(), split.domains)
     return m.compute(gather=False)

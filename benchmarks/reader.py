@@ -32,9 +32,9 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from benchmarks.profiling import bottleneck, profile_self
-from embeddings.batch import BatchConverter
-from embeddings.schema import Schema
-from infra.logs import LogDataset
+from mdlora.embeddings.batch import BatchConverter
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.logs import LogDataset
 
 SINGLE = [("idx", "index")] * 4 + [("hsh", "hash")] * 5 + [("str", "hash")]
 

@@ -56,7 +56,7 @@ TEST_FILES = {  # fault family -> (test file, repetitions (None: --reps), pytest
 
 
 def _pretrain_config(logs: Path, root: Path):
-    from trainer.config import load_run_config
+    from mdlora.trainer.config import load_run_config
 
     return load_run_config(None, [
         f"data.schema={logs}/schema.yaml", f"data.train={logs}/train", f"data.val={logs}/val",
@@ -70,7 +70,7 @@ def _one_pretrain(logs: Path, work: Path, name: str, env: dict[str, str]) -> dic
     """One pretrain run with ``env`` set around it; its state, per-domain AUCs and seconds."""
     import json
 
-    from infra.pretrain import pretrain
+    from mdlora.infra.pretrain import pretrain
 
     os.environ.update(env)
     t0 = time.time()
@@ -107,9 +107,9 @@ def pretrain_faults(work: Path, kills: int, seed: int, write_kills: int = 2) -> 
     inside the 2nd, 3rd, ... checkpoint write."""
     import ray
 
-    from embeddings.schema import Schema
-    from infra.logs import LogDataset
-    from infra.synth import generate
+    from mdlora.embeddings.schema import Schema
+    from mdlora.infra.logs import LogDataset
+    from mdlora.infra.synth import generate
 
     logs = work / "logs"
     generate(str(logs), rows=30_000, domains=3, seed=3, users=3000, items=3000)

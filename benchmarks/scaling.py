@@ -1,15 +1,15 @@
 """How cost grows: with rows, with domains, with table size. One process, 1 torch thread.
 
 1. ``rows``: the reference workload at N = 1e5, 1e6, 1e7 rows (quick: 100x fewer). One epoch is
-   streamed through :class:`infra.logs.LogDataset` (shuffled, converted to KJTs); every k-th
+   streamed through :class:`mdlora.infra.logs.LogDataset` (shuffled, converted to KJTs); every k-th
    batch also takes a training step of mdlora's sharded model (``setup_pretrain`` +
    ``train_step`` in a 1-rank gloo group), k = ceil(N / ``train_rows``), so 1e7 rows cost a read
    of all rows plus ``train_rows`` rows of training. Cost per row = read s / N + train s /
    trained rows; flat means the last / first ratio stays <= ``FLAT``.
-2. ``domains``: one MLoRA adapter epoch (``trainer.adapt.train_mlora``, each domain on its own
+2. ``domains``: one MLoRA adapter epoch (``mdlora.trainer.adapt.train_mlora``, each domain on its own
    rows) over the same R rows split into 10, 100, 1000 domains; ratio to 10.
 3. ``table_size``: 10 tables of 1e5, 1e6, 1e7 rows x D 16 planned by mdlora's planner
-   (:func:`embeddings.sharding.plan_for`, cpu, rowwise Adagrad state counted) for 1 and 2
+   (:func:`mdlora.embeddings.sharding.plan_for`, cpu, rowwise Adagrad state counted) for 1 and 2
    ranks: bytes per rank (weights + optimiser state) from the plan's shards — the bytes DMP
    allocates. Memory per rank at 2 workers / at 1 must stay <= ``HALF``.
 """
@@ -51,13 +51,13 @@ def one_rank_group() -> Iterator[None]:
 
 def rows_scaling(work: Path, sizes: list[int], train_rows: int, ref: Reference) -> dict:
     """Cost per row of read + train at each size (see module doc)."""
-    from embeddings.batch import BatchConverter
-    from embeddings.schema import Schema
-    from infra.logs import LogDataset
-    from trainer.config import RunConfig
-    from trainer.env import DistEnv
-    from trainer.loop import train_step
-    from trainer.recipes import setup_pretrain
+    from mdlora.embeddings.batch import BatchConverter
+    from mdlora.embeddings.schema import Schema
+    from mdlora.infra.logs import LogDataset
+    from mdlora.trainer.config import RunConfig
+    from mdlora.trainer.env import DistEnv
+    from mdlora.trainer.loop import train_step
+    from mdlora.trainer.recipes import setup_pretrain
 
     out = []
     for n in sizes:
@@ -112,12 +112,12 @@ def rows_scaling(work: Path, sizes: list[int], train_rows: int, ref: Reference) 
 def domains_scaling(work: Path, ref: Reference, rows: int, counts: list[int]) -> dict:
     """Seconds of one MLoRA adapter epoch over ``rows`` rows split into each domain count
     (each run sampled by py-spy; the largest count's profile names the bottleneck)."""
-    from adapters.config import LoraConfig
-    from embeddings.schema import Schema
-    from embeddings.tables import build_ebc
-    from trainer.adapt import Features, Head, train_mlora
-    from trainer.backbone import build_backbone
-    from trainer.config import AdaptTrainConfig, LoopConfig, ModelConfig
+    from mdlora.adapters.config import LoraConfig
+    from mdlora.embeddings.schema import Schema
+    from mdlora.embeddings.tables import build_ebc
+    from mdlora.trainer.adapt import Features, Head, train_mlora
+    from mdlora.trainer.backbone import build_backbone
+    from mdlora.trainer.config import AdaptTrainConfig, LoopConfig, ModelConfig
 
     schema = Schema.from_dict(_schema(ref))
     torch.manual_seed(0)
@@ -161,12 +161,12 @@ def domains_scaling(work: Path, ref: Reference, rows: int, counts: list[int]) ->
 
 def table_scaling(ref: Reference, sizes: list[int]) -> dict:
     """Planned bytes per rank (weights + rowwise Adagrad state) at 1 and 2 ranks per table size."""
-    from embeddings import sharding
-    from embeddings.schema import Schema
-    from embeddings.tables import build_ebc
-    from trainer.backbone import build_backbone
-    from trainer.config import ModelConfig
-    from trainer.task import CTRTask
+    from mdlora.embeddings import sharding
+    from mdlora.embeddings.schema import Schema
+    from mdlora.embeddings.tables import build_ebc
+    from mdlora.trainer.backbone import build_backbone
+    from mdlora.trainer.config import ModelConfig
+    from mdlora.trainer.task import CTRTask
 
     out = []
     for n in sizes:

@@ -2,11 +2,11 @@
 
 Set-up (untimed): the reference schema with ``domains`` natural domains; a backbone built and
 checkpointed by mdlora's own recipe (``setup_pretrain`` in a 1-rank gloo group,
-``Setup.save``) and published with ``infra.pretrain.publish_backbone``; one MLoRA bundle per
+``Setup.save``) and published with ``mdlora.infra.pretrain.publish_backbone``; one MLoRA bundle per
 domain (default LoRA config, every factor random so no update is zero) written with
-``adapters.bundle.write_bundle`` and promoted to production in the registry.
+``mdlora.adapters.bundle.write_bundle`` and promoted to production in the registry.
 
-Timed: :meth:`infra.score.Scorer.score_table` on the same N mixed-domain rows (an Arrow table in
+Timed: :meth:`mdlora.infra.score.Scorer.score_table` on the same N mixed-domain rows (an Arrow table in
 memory: conversion + lookups + tower + routing, no Parquet I/O) by a Scorer holding every
 domain's production bundle and by one holding none (``bundles={}``: the plain backbone).
 The two are run in alternating order ``repeat`` times (ABBA), one torch thread; rows/s = rows x
@@ -34,20 +34,20 @@ GOAL = 0.8
 
 def publish_fixture(work: Path, ref: Reference, rows: int) -> tuple[str, str, Path]:
     """Data, a published backbone and one production bundle per domain -> (root, model, data)."""
-    from adapters.bundle import BundleManifest, write_bundle
-    from adapters.config import LoraConfig
-    from adapters.inject import inject
-    from adapters.registry import Registry
+    from mdlora.adapters.bundle import BundleManifest, write_bundle
+    from mdlora.adapters.config import LoraConfig
+    from mdlora.adapters.inject import inject
+    from mdlora.adapters.registry import Registry
     from benchmarks.scaling import one_rank_group
-    from embeddings.schema import Schema
-    from infra.adapt import open_backbone
-    from infra.pretrain import publish_backbone
-    from infra.storage import open_fs
+    from mdlora.embeddings.schema import Schema
+    from mdlora.infra.adapt import open_backbone
+    from mdlora.infra.pretrain import publish_backbone
+    from mdlora.infra.storage import open_fs
     from mdlora.config import to_dict
-    from trainer.config import RunConfig
-    from trainer.env import DistEnv
-    from trainer.loop import TrainState
-    from trainer.recipes import load_unsharded, setup_pretrain
+    from mdlora.trainer.config import RunConfig
+    from mdlora.trainer.env import DistEnv
+    from mdlora.trainer.loop import TrainState
+    from mdlora.trainer.recipes import load_unsharded, setup_pretrain
 
     train, schema_path = write_reference_parquet(work / "data", ref, n=rows)
     schema = Schema.load(schema_path)
@@ -90,7 +90,7 @@ def publish_fixture(work: Path, ref: Reference, rows: int) -> tuple[str, str, Pa
 
 def run(work: Path, quick: bool, repeat: int | None = None) -> dict:
     """Build the fixture, time both scorers on the same rows, return the figures."""
-    from infra.score import Scorer
+    from mdlora.infra.score import Scorer
 
     torch.set_num_threads(1)
     pa.set_cpu_count(1)

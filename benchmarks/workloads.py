@@ -2,7 +2,7 @@
 
 - ``reference``: 10 sparse features x 100k-row tables x D 16 (Zipf ids), MLP 256-128-1, global
   batch 2048 (:func:`benchmarks.common.write_reference_parquet`).
-- ``ml1m``: MovieLens-1M shaped: the real ML-1M imported with :func:`infra.movielens.import_movielens`
+- ``ml1m``: MovieLens-1M shaped: the real ML-1M imported with :func:`mdlora.infra.movielens.import_movielens`
   when ``/work/shared/data/movielens-1m`` (or ``$MDLORA_ML1M``) exists, else synthetic rows
   with ML-1M's columns and cardinalities (6040 users, 3952 movies, 7 ages, 21 occupations,
   3439 zips hashed into 8192, 1-6 of 18 genres per movie) and the same schema. Same tower and batch.
@@ -44,7 +44,7 @@ def reference(work: Path, ref: Reference, rows: int) -> dict:
 def movielens(work: Path, rows: int = 800_000, seed: int = 0) -> dict:
     """ML-1M-shaped logs under ``work/ml1m`` (real train split when available, else ``rows``
     synthetic rows)."""
-    from infra.movielens import _schema, import_movielens
+    from mdlora.infra.movielens import _schema, import_movielens
 
     out = work / "ml1m"
     if ML1M.is_dir():
@@ -68,7 +68,7 @@ def movielens(work: Path, rows: int = 800_000, seed: int = 0) -> dict:
 
 def _synthetic(n: int, seed: int) -> pa.Table:
     """``n`` rows with ML-1M's columns, per-user attributes and cardinalities."""
-    from infra.movielens import AGE_CODES, DOMAINS
+    from mdlora.infra.movielens import AGE_CODES, DOMAINS
 
     rng = np.random.default_rng(seed)
     users, movies = 6040, 3952

@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.hashing import bucket, hash_ints, hash_strings
-from embeddings.schema import DenseFeature, Division, Schema, SparseFeature
+from mdlora.embeddings.hashing import bucket, hash_ints, hash_strings
+from mdlora.embeddings.schema import DenseFeature, Division, Schema, SparseFeature
 
 
 @dataclass
@@ -227,7 +227,7 @@ class BatchConverter:
     """Vectorised Arrow record batch -> :class:`Batch` for one schema.
 
     Per feature f with table size N_f: ``index`` ids must lie in [0, N_f); ``hash`` ids map to
-    ``bucket(hash(id), N_f)`` (see :mod:`embeddings.hashing`); multi-valued list columns keep
+    ``bucket(hash(id), N_f)`` (see :mod:`mdlora.embeddings.hashing`); multi-valued list columns keep
     their first ``max_len`` values (a null list is an empty list). Dense columns: nulls/NaN
     become ``fill`` (raw units), then ``standard`` gives (x - mean) / std and ``log`` gives
     log1p(max(x, 0)). Labels may be int, bool or float columns holding 0/1.

@@ -46,7 +46,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
-from embeddings.sharding import module_tables, plan_to_dict
+from mdlora.embeddings.sharding import module_tables, plan_to_dict
 from mdlora.atomic import write_bytes, write_json
 
 _STEP = re.compile(r"^step-(\d+)$")

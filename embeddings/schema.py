@@ -38,7 +38,7 @@ from typing import Literal
 import yaml
 
 from mdlora.config import ConfigError, from_dict, read_yaml, to_dict
-from mdlora.names import check_name  # re-exported: embeddings.schema.check_name
+from mdlora.names import check_name  # re-exported: mdlora.embeddings.schema.check_name
 
 
 @dataclass(kw_only=True)

@@ -47,7 +47,7 @@ from torchrec.optim import RowWiseAdagrad, apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from embeddings.schema import TableSpec
+from mdlora.embeddings.schema import TableSpec
 
 DEVICE_TYPES = ("cpu", "cuda")
 CPU_SHARDING = ("table_wise", "column_wise", "table_column_wise", "data_parallel")

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-from embeddings.checkpoint import normalise_key
+from mdlora.embeddings.checkpoint import normalise_key
 
 
 def gather_state(model: nn.Module, dst: int = 0) -> dict[str, torch.Tensor] | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from embeddings.schema import Schema
+from mdlora.embeddings.schema import Schema
 
 
 def build_ebc(schema: Schema, device: str | torch.device = "meta") -> EmbeddingBagCollection:

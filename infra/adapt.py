@@ -10,7 +10,7 @@ Pipeline (the design is in README "Adapters"):
    ranks' files as one checkpoint under ``output.run_dir`` (the feature cache). Rank 0 also
    writes the head (tower + output) weights. No worker holds a full copy of the tables.
 2. **Train.** MLoRA: domains are partitioned over Ray tasks (``train.tasks``, default one per
-   CPU), each training its domains independently (:func:`trainer.adapt.train_mlora`).
+   CPU), each training its domains independently (:func:`mdlora.trainer.adapt.train_mlora`).
    MultiLoRA: one joint run (shared aux LoRAs).
 3. **Publish** one bundle per domain and promote it when the domain has no production yet.
 """
@@ -30,22 +30,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters.bundle import BackboneRef, BundleManifest, load_bundle, write_bundle
-from adapters.registry import Registry
-from embeddings.batch import BatchConverter
-from embeddings.checkpoint import read_shards
-from embeddings.schema import Schema
-from embeddings.tables import build_ebc
-from infra import ray_backend
-from infra.logs import LogDataset
-from infra.pretrain import cache_dir, check_cpus, check_outputs, load_schema, resolve_paths
-from infra.storage import open_fs
+from mdlora.adapters.bundle import BackboneRef, BundleManifest, load_bundle, write_bundle
+from mdlora.adapters.registry import Registry
+from mdlora.embeddings.batch import BatchConverter
+from mdlora.embeddings.checkpoint import read_shards
+from mdlora.embeddings.schema import Schema
+from mdlora.embeddings.tables import build_ebc
+from mdlora.infra import ray_backend
+from mdlora.infra.logs import LogDataset
+from mdlora.infra.pretrain import cache_dir, check_cpus, check_outputs, load_schema, resolve_paths
+from mdlora.infra.storage import open_fs
 from mdlora.artifact import read_manifest
 from mdlora.config import from_dict, to_dict
-from trainer.adapt import DomainResult, Features, Head, materialise, train_mlora, train_multilora
-from trainer.backbone import build_backbone
-from trainer.config import AdaptConfig, RunConfig
-from trainer.recipes import setup_pretrain
+from mdlora.trainer.adapt import DomainResult, Features, Head, materialise, train_mlora, train_multilora
+from mdlora.trainer.backbone import build_backbone
+from mdlora.trainer.config import AdaptConfig, RunConfig
+from mdlora.trainer.recipes import setup_pretrain
 
 log = logging.getLogger("mdlora.adapt")
 HEAD = "head.safetensors"

@@ -26,9 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from embeddings.batch import BatchConverter, LogValidationError, Problem, find_problems
-from embeddings.schema import Schema
-from infra.storage import open_fs
+from mdlora.embeddings.batch import BatchConverter, LogValidationError, Problem, find_problems
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.storage import open_fs
 
 READ_ROWS = 65536
 """Rows per record batch read from a file."""
@@ -191,7 +191,7 @@ class LogDataset:
             drop_last: drop the last partial batch; otherwise ranks short of a batch yield an
                 empty (0-row) last batch so that counts stay equal.
             prefetch: batches prepared ahead by a background thread (0: inline).
-            converter: turns Arrow tables into :class:`~embeddings.batch.Batch`; None yields
+            converter: turns Arrow tables into :class:`~mdlora.embeddings.batch.Batch`; None yields
                 ``pyarrow.Table`` batches.
 
         Yields:

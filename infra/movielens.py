@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from embeddings.schema import Schema
-from infra.storage import is_s3, open_fs
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.storage import is_s3, open_fs
 from mdlora.atomic import staging_dir
 
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",

@@ -1,7 +1,7 @@
 """``mdlora pretrain``: Ray Train workers running the TorchRec-sharded backbone, then publish.
 
 Data parallelism: every worker streams its own contiguous share of the (per-epoch permuted)
-Parquet row groups with :class:`infra.logs.LogDataset` — rows per rank differ by at most one,
+Parquet row groups with :class:`mdlora.infra.logs.LogDataset` — rows per rank differ by at most one,
 so every rank runs exactly the same number of steps and the sharded all-to-all never waits on
 a rank that ran dry. We chose per-worker file shards over Ray Data because TorchRec needs the
 Arrow -> KJT conversion on the rank that trains (no object-store round trip), the shard of
@@ -23,22 +23,22 @@ from pathlib import Path
 
 import torch
 
-from adapters.registry import Registry
-from embeddings import sharding
-from embeddings.batch import BatchConverter, LogValidationError, find_problems
-from embeddings.schema import Schema
-from embeddings.sharding import format_plan
-from embeddings.tables import build_ebc
-from infra import ray_backend
-from infra.logs import LogDataset
-from infra.storage import check_writable, is_s3, open_fs
+from mdlora.adapters.registry import Registry
+from mdlora.embeddings import sharding
+from mdlora.embeddings.batch import BatchConverter, LogValidationError, find_problems
+from mdlora.embeddings.schema import Schema
+from mdlora.embeddings.sharding import format_plan
+from mdlora.embeddings.tables import build_ebc
+from mdlora.infra import ray_backend
+from mdlora.infra.logs import LogDataset
+from mdlora.infra.storage import check_writable, is_s3, open_fs
 from mdlora import __version__
 from mdlora.artifact import seal
 from mdlora.atomic import write_json
 from mdlora.config import ConfigError, from_dict, to_dict
-from trainer.config import DistConfig, RunConfig
-from trainer.loop import Hooks, train
-from trainer.recipes import STATE_FILE, setup_pretrain
+from mdlora.trainer.config import DistConfig, RunConfig
+from mdlora.trainer.loop import Hooks, train
+from mdlora.trainer.recipes import STATE_FILE, setup_pretrain
 
 log = logging.getLogger("mdlora.pretrain")
 
@@ -118,7 +118,7 @@ def check_cpus(d: DistConfig) -> None:
     is embedded (Ray Train would wait forever for CPUs that never come).
 
     A cluster (``dist.address`` / ``RAY_ADDRESS``) is not checked here: its autoscaler adds
-    nodes when the job asks for more CPUs than it has (:func:`infra.ray_backend.check_cluster`).
+    nodes when the job asks for more CPUs than it has (:func:`mdlora.infra.ray_backend.check_cluster`).
 
     Raises:
         ValueError: naming ``dist.world_size``, the CPUs needed and the CPUs there are.
@@ -131,7 +131,7 @@ def check_cpus(d: DistConfig) -> None:
 
 def check_outputs(root: str, run_dir: str) -> None:
     """Refuse an ``output.root`` / ``output.run_dir`` this process cannot write, before Ray starts
-    (:func:`infra.storage.check_writable`)."""
+    (:func:`mdlora.infra.storage.check_writable`)."""
     check_writable(root, "output.root")
     check_writable(run_dir, "output.run_dir")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.env import DistEnv
+from mdlora.trainer.env import DistEnv
 
 log = logging.getLogger("mdlora.ray")
 WORKER_NICENESS = 0
@@ -117,7 +117,7 @@ def _entry(fn: Callable[[dict], None], config: dict) -> None:
     """Every worker: quiet library loggers, mdlora progress on rank 0 only, then ``fn``."""
     import ray.train
 
-    from infra.log import setup_logging
+    from mdlora.infra.log import setup_logging
 
     setup_logging(ray.train.get_context().get_world_rank())
     fn(config)
@@ -128,12 +128,12 @@ def _storage(path: str) -> str:
 
 
 def _filesystem(path: str):
-    """pyarrow filesystem for S3 storage built from infra.storage's fsspec options, else None."""
+    """pyarrow filesystem for S3 storage built from mdlora.infra.storage's fsspec options, else None."""
     if not path.startswith("s3://"):
         return None
     import pyarrow.fs
 
-    from infra.storage import open_fs
+    from mdlora.infra.storage import open_fs
 
     fs, _ = open_fs(path)
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))

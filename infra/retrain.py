@@ -7,7 +7,7 @@ the last recorded stage, so no stage publishes twice):
    (``model.init_from``, same architecture), and publish it as a new version: ``latest``, not
    ``production``.
 2. **Rebase.** Train a fresh adapter of every domain against the new backbone and publish it
-   without promoting (``infra.adapt``): the domains of the new backbone's vocabulary on the
+   without promoting (``mdlora.infra.adapt``): the domains of the new backbone's vocabulary on the
    window's logs, and every domain added by ``add-domain`` (a production bundle of this model,
    outside the vocabulary) on the logs its bundle records (``data_window``), in the same window.
    Adapters pinned to the old backbone are never loaded on the new one: bundles pin their
@@ -15,13 +15,13 @@ the last recorded stage, so no stage publishes twice):
 3. **Gate.** Score the fixed holdout ``gate.holdout`` with the champion (each domain's production
    bundle on the backbone it pins; a domain without one: the production backbone) and with the
    challenger (the new bundles on the new backbone), exact per-domain metrics
-   (``trainer.metrics``). An added domain without rows in ``gate.holdout`` is scored on the test
+   (``mdlora.trainer.metrics``). An added domain without rows in ``gate.holdout`` is scored on the test
    split its logs have instead. A domain is promoted when its challenger is not worse than its
    champion by more than ``gate.tolerance``; a domain without a challenger or without holdout
    rows keeps its champion.
 4. **Promote**, the only alias moves, all at the end: the promoted domains' bundles, then the
    backbone's ``production`` when at least one domain was promoted. A kept domain stays on its
-   bundle pinned to the old backbone and ``infra.score.Scorer`` serves it on that backbone, so
+   bundle pinned to the old backbone and ``mdlora.infra.score.Scorer`` serves it on that backbone, so
    serving is consistent after a partial promotion (and at every point of one). The backbone
    ``production`` alias therefore means "the newest backbone that serves at least one domain":
    the next retrain warm-starts from it and rows of domains without any bundle are scored on it.
@@ -53,18 +53,18 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from adapters.bundle import WEIGHTS, BundleManifest
-from adapters.registry import Registry
-from embeddings.batch import LogValidationError
-from infra.adapt import SHARED, NoTrainingRows, adapt, open_backbone
-from infra.logs import LogDataset
-from infra.pretrain import cache_dir, find_published, pretrain, resolve_paths
-from infra.retrain_lock import RetrainLock, now
-from infra.score import Scorer
-from infra.storage import is_s3, open_fs
+from mdlora.adapters.bundle import WEIGHTS, BundleManifest
+from mdlora.adapters.registry import Registry
+from mdlora.embeddings.batch import LogValidationError
+from mdlora.infra.adapt import SHARED, NoTrainingRows, adapt, open_backbone
+from mdlora.infra.logs import LogDataset
+from mdlora.infra.pretrain import cache_dir, find_published, pretrain, resolve_paths
+from mdlora.infra.retrain_lock import RetrainLock, now
+from mdlora.infra.score import Scorer
+from mdlora.infra.storage import is_s3, open_fs
 from mdlora.atomic import write_bytes
 from mdlora.config import to_dict
-from trainer.config import AdaptOutputConfig, RetrainConfig
+from mdlora.trainer.config import AdaptOutputConfig, RetrainConfig
 
 log = logging.getLogger("mdlora.retrain")
 

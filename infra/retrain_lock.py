@@ -1,7 +1,7 @@
 """The retrain lock: one scheduled retrain per model at a time (:class:`RetrainLock`).
 
 Local registries use ``fcntl.flock``; S3 registries a lease object renewed with
-compare-and-swap. :mod:`infra.retrain` takes it around a whole run.
+compare-and-swap. :mod:`mdlora.infra.retrain` takes it around a whole run.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from adapters.document import precondition_failed
-from infra.storage import is_s3, open_fs
+from mdlora.adapters.document import precondition_failed
+from mdlora.infra.storage import is_s3, open_fs
 from mdlora.names import check_name
 
 log = logging.getLogger("mdlora.retrain")

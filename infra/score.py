@@ -14,7 +14,7 @@ domain without a bundle (or unknown to the schema) get ``backbone_ref`` alone an
 fallback rows. Loading refuses (``BundleError``) a bundle whose pinned backbone content hash or
 schema hash does not match the loaded backbone, one pinned to another backbone name, or a
 tampered one: an adapter is never run on a backbone it was not trained on. Backbones are read
-from their DCP shards into world-1 models (``trainer.recipes.load_unsharded``).
+from their DCP shards into world-1 models (``mdlora.trainer.recipes.load_unsharded``).
 """
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from adapters.bundle import BundleError, BundleManifest, load_bundle
-from adapters.config import LoraConfig
-from adapters.inject import AdaptedModel, inject
-from adapters.registry import Registry
-from embeddings.batch import BatchConverter
-from embeddings.schema import Schema
-from infra.adapt import SHARED, BackboneInfo, open_backbone
-from infra.storage import is_s3, open_fs
+from mdlora.adapters.bundle import BundleError, BundleManifest, load_bundle
+from mdlora.adapters.config import LoraConfig
+from mdlora.adapters.inject import AdaptedModel, inject
+from mdlora.adapters.registry import Registry
+from mdlora.embeddings.batch import BatchConverter
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.adapt import SHARED, BackboneInfo, open_backbone
+from mdlora.infra.storage import is_s3, open_fs
 from mdlora.artifact import read_manifest
 from mdlora.atomic import write_bytes
 from mdlora.config import from_dict
-from trainer.metrics import DomainMetrics, format_table
-from trainer.recipes import load_unsharded
+from mdlora.trainer.metrics import DomainMetrics, format_table
+from mdlora.trainer.recipes import load_unsharded
 
 ROWS = 65536
 

@@ -51,8 +51,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.special import expit
 
-from embeddings.schema import Schema
-from infra.storage import is_s3, open_fs
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.storage import is_s3, open_fs
 from mdlora.atomic import staging_dir
 from mdlora.config import to_dict
 

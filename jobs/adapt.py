@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.cli import add_config_options
+from mdlora.jobs.cli import add_config_options
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -15,10 +15,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load config, run :func:`infra.adapt.adapt`, print one line per published bundle."""
-    from infra.adapt import adapt
-    from infra.log import setup_logging
-    from trainer.config import load_adapt_config
+    """Load config, run :func:`mdlora.infra.adapt.adapt`, print one line per published bundle."""
+    from mdlora.infra.adapt import adapt
+    from mdlora.infra.log import setup_logging
+    from mdlora.trainer.config import load_adapt_config
 
     setup_logging()
     cfg = load_adapt_config(args.config, args.overrides)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.cli import add_config_options
+from mdlora.jobs.cli import add_config_options
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -20,11 +20,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load config, run :func:`infra.adapt.add_domain`, print the bundle written."""
-    from infra.adapt import add_domain
-    from infra.log import setup_logging
-    from jobs.adapt import format_summary
-    from trainer.config import load_adapt_config
+    """Load config, run :func:`mdlora.infra.adapt.add_domain`, print the bundle written."""
+    from mdlora.infra.adapt import add_domain
+    from mdlora.infra.log import setup_logging
+    from mdlora.jobs.adapt import format_summary
+    from mdlora.trainer.config import load_adapt_config
 
     setup_logging()
     cfg = load_adapt_config(args.config, args.overrides)

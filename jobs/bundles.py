@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from adapters.registry import KINDS, Registry, RegistryError
-from infra.storage import open_fs
+from mdlora.adapters.registry import KINDS, Registry, RegistryError
+from mdlora.infra.storage import open_fs
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -16,17 +16,17 @@ from mdlora.config import ConfigError
 
 # name -> (module, one-line help). Order is the order of `mdlora --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "gen-logs": ("jobs.gen_logs", "write a synthetic multi-domain CTR log (+ schema) to a path or s3://"),
-    "import-movielens": ("jobs.import_movielens", "convert MovieLens 1M/100K to the mdlora log format (HAMUR protocol)"),
-    "validate-logs": ("jobs.validate_logs", "check a log dataset against a schema; per-domain summary"),
-    "plan": ("jobs.plan", "print the embedding sharding plan and per-rank memory for a topology"),
-    "pretrain": ("jobs.pretrain", "train the shared backbone (Ray Train + TorchRec sharding) and publish it"),
-    "adapt": ("jobs.adapt", "train per-domain LoRA adapters on the frozen backbone and publish one bundle per domain"),
-    "add-domain": ("jobs.add_domain", "train one new domain's adapter against the production backbone; touches nothing else"),
-    "score": ("jobs.score", "score a mixed-domain dataset, each row routed to its domain's production adapter"),
-    "retrain": ("jobs.retrain", "scheduled retrain of a window: warm-started backbone, rebased adapters, per-domain promotion gate"),
-    "bundles": ("jobs.bundles", "list, show, verify, promote or roll back registry versions (adapters, backbones)"),
-    "submit": ("jobs.submit", "submit any mdlora job to a Ray cluster (Ray Jobs API, token auth); --wait streams its logs"),
+    "gen-logs": ("mdlora.jobs.gen_logs", "write a synthetic multi-domain CTR log (+ schema) to a path or s3://"),
+    "import-movielens": ("mdlora.jobs.import_movielens", "convert MovieLens 1M/100K to the mdlora log format (HAMUR protocol)"),
+    "validate-logs": ("mdlora.jobs.validate_logs", "check a log dataset against a schema; per-domain summary"),
+    "plan": ("mdlora.jobs.plan", "print the embedding sharding plan and per-rank memory for a topology"),
+    "pretrain": ("mdlora.jobs.pretrain", "train the shared backbone (Ray Train + TorchRec sharding) and publish it"),
+    "adapt": ("mdlora.jobs.adapt", "train per-domain LoRA adapters on the frozen backbone and publish one bundle per domain"),
+    "add-domain": ("mdlora.jobs.add_domain", "train one new domain's adapter against the production backbone; touches nothing else"),
+    "score": ("mdlora.jobs.score", "score a mixed-domain dataset, each row routed to its domain's production adapter"),
+    "retrain": ("mdlora.jobs.retrain", "scheduled retrain of a window: warm-started backbone, rebased adapters, per-domain promotion gate"),
+    "bundles": ("mdlora.jobs.bundles", "list, show, verify, promote or roll back registry versions (adapters, backbones)"),
+    "submit": ("mdlora.jobs.submit", "submit any mdlora job to a Ray cluster (Ray Jobs API, token auth); --wait streams its logs"),
 }
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from infra.log import setup_logging
+from mdlora.infra.log import setup_logging
 
 STEPS = 7
 ALPHA = 32  # LoRA temperature: ranks [4, 2, 1] on the demo's 128-64 tower
@@ -27,14 +27,14 @@ def step(i: int, text: str) -> None:
 
 def run(out: Path, rows: int, domains: int, seed: int) -> dict:
     """Run every stage into ``out``; return the summary (also written as JSON)."""
-    from infra.adapt import adapt, add_domain
-    from infra.logs import validate_dataset
-    from infra.pretrain import load_schema, pretrain
-    from infra.report import auc_table, write_report
-    from infra.score import Scorer
-    from infra.synth import generate
+    from mdlora.infra.adapt import adapt, add_domain
+    from mdlora.infra.logs import validate_dataset
+    from mdlora.infra.pretrain import load_schema, pretrain
+    from mdlora.infra.report import auc_table, write_report
+    from mdlora.infra.score import Scorer
+    from mdlora.infra.synth import generate
     from mdlora.config import from_dict
-    from trainer.config import AdaptConfig, RunConfig
+    from mdlora.trainer.config import AdaptConfig, RunConfig
 
     t0 = time.time()
     logs, root = out / "logs", out / "registry"
@@ -95,7 +95,7 @@ MARKER = ".mdlora-demo"
 
 
 def main() -> None:
-    """CLI of the demo (``python -m jobs.demo``)."""
+    """CLI of the demo (``python -m mdlora.jobs.demo``)."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo-out",
                     help="output directory: created, or replaced when it holds an earlier demo's output")
@@ -111,7 +111,7 @@ def main() -> None:
                      "give an empty or new directory")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `python -m jobs.demo`; the next demo run replaces this directory\n")
+    (out / MARKER).write_text("written by `python -m mdlora.jobs.demo`; the next demo run replaces this directory\n")
     summary = run(out, args.rows, args.domains, args.seed)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 

@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Generate; print the summary as JSON."""
-    from infra.synth import generate
+    from mdlora.infra.synth import generate
 
     summary = generate(
         args.out,

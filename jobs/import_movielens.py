@@ -21,7 +21,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert; print rows and positive rate per domain."""
-    from infra.movielens import import_movielens
+    from mdlora.infra.movielens import import_movielens
 
     stats = import_movielens(args.src, args.out, seed=args.seed)
     brief = {

@@ -9,10 +9,10 @@ import argparse
 import json
 from pathlib import Path
 
-from embeddings import sharding
-from embeddings.schema import Schema
-from embeddings.tables import build_ebc
-from trainer.config import load_run_config
+from mdlora.embeddings import sharding
+from mdlora.embeddings.schema import Schema
+from mdlora.embeddings.tables import build_ebc
+from mdlora.trainer.config import load_run_config
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.cli import add_config_options
+from mdlora.jobs.cli import add_config_options
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -15,10 +15,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load config, run :func:`infra.pretrain.pretrain`, print where the backbone went."""
-    from infra.log import setup_logging
-    from infra.pretrain import pretrain
-    from trainer.config import load_run_config
+    """Load config, run :func:`mdlora.infra.pretrain.pretrain`, print where the backbone went."""
+    from mdlora.infra.log import setup_logging
+    from mdlora.infra.pretrain import pretrain
+    from mdlora.trainer.config import load_run_config
 
     setup_logging()
     cfg = load_run_config(args.config, args.overrides)

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from jobs.cli import add_config_options
+from mdlora.jobs.cli import add_config_options
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -20,11 +20,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load config, run :func:`infra.retrain.retrain`, print the per-domain decisions."""
-    from infra.log import setup_logging
-    from infra.retrain import retrain
-    from infra.retrain_lock import RetrainLocked
-    from trainer.config import load_retrain_config
+    """Load config, run :func:`mdlora.infra.retrain.retrain`, print the per-domain decisions."""
+    from mdlora.infra.log import setup_logging
+    from mdlora.infra.retrain import retrain
+    from mdlora.infra.retrain_lock import RetrainLocked
+    from mdlora.trainer.config import load_retrain_config
 
     setup_logging()
     cfg = load_retrain_config(args.config, args.overrides)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.cli import add_config_options
+from mdlora.jobs.cli import add_config_options
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -18,10 +18,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the backbone and bundles, score, print rows, fallback rows and per-domain AUC."""
-    from infra.log import setup_logging
-    from infra.pretrain import resolve_paths
-    from infra.score import Scorer, parse_bundles
-    from trainer.config import load_adapt_config
+    from mdlora.infra.log import setup_logging
+    from mdlora.infra.pretrain import resolve_paths
+    from mdlora.infra.score import Scorer, parse_bundles
+    from mdlora.trainer.config import load_adapt_config
 
     setup_logging()
     cfg = resolve_paths(load_adapt_config(args.config, args.overrides))

@@ -25,7 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Submit ``mdlora <job>``; with ``--wait`` return 0 iff the job SUCCEEDED."""
-    from infra.submit import load_runtime_env, submit
+    from mdlora.infra.submit import load_runtime_env, submit
 
     job = args.job[1:] if args.job[:1] == ["--"] else args.job
     env = {}

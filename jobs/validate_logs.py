@@ -9,8 +9,8 @@ import argparse
 import json
 import sys
 
-from embeddings.schema import Schema
-from infra.logs import validate_dataset
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.logs import validate_dataset
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,7 @@
 """Adapter training on the frozen backbone's cached embedding-layer output. No Ray, no log I/O.
 
-Adapters train on :class:`~trainer.features.Head` over :class:`~trainer.features.Features`
-(re-exported here), the cached ``x`` of every row (see :mod:`trainer.features` for why that is
+Adapters train on :class:`~mdlora.trainer.features.Head` over :class:`~mdlora.trainer.features.Features`
+(re-exported here), the cached ``x`` of every row (see :mod:`mdlora.trainer.features` for why that is
 exact).
 
 * MLoRA (:func:`train_mlora`): every domain is independent: its own init seed, its own
@@ -39,12 +39,12 @@ import torch.nn.functional as F
 from scipy.stats import mannwhitneyu
 from torch import Tensor, nn
 
-from adapters.config import LoraConfig
-from adapters.inject import AdaptedModel, inject
-from adapters.lora import DomainLoRALinear
-from trainer.config import AdaptTrainConfig, LoopConfig
-from trainer.features import Features, Head, materialise, predict
-from trainer.metrics import DomainMetrics
+from mdlora.adapters.config import LoraConfig
+from mdlora.adapters.inject import AdaptedModel, inject
+from mdlora.adapters.lora import DomainLoRALinear
+from mdlora.trainer.config import AdaptTrainConfig, LoopConfig
+from mdlora.trainer.features import Features, Head, materialise, predict
+from mdlora.trainer.metrics import DomainMetrics
 
 __all__ = ["DomainResult", "Features", "Head", "compare", "domain_seed", "gain_confidence", "materialise",
            "predict", "train_mlora", "train_mlora_domain", "train_multilora"]

@@ -36,8 +36,8 @@ from torch import nn
 from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings.schema import Schema
-from trainer.config import ModelConfig
+from mdlora.embeddings.schema import Schema
+from mdlora.trainer.config import ModelConfig
 
 
 def pooled_feature_dims(schema: Schema) -> tuple[list[str], list[int]]:

@@ -17,8 +17,8 @@ backbone, so the comparison with Mix / MLoRA isolates the multi-domain part. Wit
   auxiliary network ``MLP([x, e_k])`` (e_k a domain embedding) whose logit is added.
 
 :class:`DomainCTRTask` puts a head on a backbone's embedding layer and has the
-:class:`~trainer.task.CTRTask` interface (``task(batch) -> (loss, (loss, logits, labels))``), so
-``trainer.loop.train``/``evaluate`` run it unchanged. Rows are routed by ``batch.domains``.
+:class:`~mdlora.trainer.task.CTRTask` interface (``task(batch) -> (loss, (loss, logits, labels))``), so
+``mdlora.trainer.loop.train``/``evaluate`` run it unchanged. Rows are routed by ``batch.domains``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from embeddings.batch import Batch
-from trainer.backbone import MLP, Backbone, _init_linear
+from mdlora.embeddings.batch import Batch
+from mdlora.trainer.backbone import MLP, Backbone, _init_linear
 
 
 def _by_domain(domains: Tensor, k: int) -> list[tuple[int, Tensor]]:

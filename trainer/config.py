@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from adapters.config import LoraConfig
+from mdlora.adapters.config import LoraConfig
 from mdlora.config import load_config
 
 
@@ -307,7 +307,7 @@ class GateConfig:
     holdout: str
     """Fixed holdout log dataset (Parquet, local or s3://) both sides are scored on."""
     metric: Literal["auc", "logloss"] = "auc"
-    """Per-domain holdout metric the gate compares (exact, ``trainer.metrics``)."""
+    """Per-domain holdout metric the gate compares (exact, ``mdlora.trainer.metrics``)."""
     tolerance: float = 0.002
     """A challenger is promoted when it is not worse than the champion by more than this:
     AUC_challenger >= AUC_champion - tolerance (LogLoss: <= champion + tolerance)."""

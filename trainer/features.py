@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from adapters.inject import AdaptedModel
-from embeddings.batch import Batch
-from trainer.backbone import Backbone
+from mdlora.adapters.inject import AdaptedModel
+from mdlora.embeddings.batch import Batch
+from mdlora.trainer.backbone import Backbone
 
 EVAL_ROWS = 65536
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from embeddings.batch import Batch
-from trainer.config import LoopConfig
-from trainer.env import DistEnv
-from trainer.metrics import DomainMetrics
+from mdlora.embeddings.batch import Batch
+from mdlora.trainer.config import LoopConfig
+from mdlora.trainer.env import DistEnv
+from mdlora.trainer.metrics import DomainMetrics
 
 log = logging.getLogger("mdlora.loop")
 

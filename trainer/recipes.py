@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
-from embeddings import checkpoint as ckpt
-from embeddings import sharding
-from embeddings.schema import Schema
-from embeddings.tables import build_ebc
+from mdlora.embeddings import checkpoint as ckpt
+from mdlora.embeddings import sharding
+from mdlora.embeddings.schema import Schema
+from mdlora.embeddings.tables import build_ebc
 from mdlora.atomic import write_json
-from trainer.backbone import build_backbone
-from trainer.config import RunConfig
-from trainer.env import DistEnv
-from trainer.loop import TrainState, lr_factor
-from trainer.task import CTRTask
+from mdlora.trainer.backbone import build_backbone
+from mdlora.trainer.config import RunConfig
+from mdlora.trainer.env import DistEnv
+from mdlora.trainer.loop import TrainState, lr_factor
+from mdlora.trainer.task import CTRTask
 
 STATE_FILE = "train_state.json"
 PLAN_FILE = "plan.json"
@@ -72,7 +72,7 @@ def setup_pretrain(cfg: RunConfig, env: DistEnv, schema: Schema, total_steps: in
             sharded model; the dense optimiser starts fresh. None: random initialisation.
 
     Returns:
-        The :class:`Setup` for :func:`trainer.loop.train`.
+        The :class:`Setup` for :func:`mdlora.trainer.loop.train`.
     """
     torch.manual_seed(cfg.loop.seed)  # same dense init on every rank (DDP also broadcasts)
     ebc = build_ebc(schema, device="meta")

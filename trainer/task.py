@@ -1,7 +1,7 @@
 """CTR task: backbone + binary cross-entropy on the click label.
 
 This is the module torchrec's ``DistributedModelParallel`` wraps: DMP (and the DDP it puts
-around the dense part) passes the :class:`~embeddings.batch.Batch` through unchanged, so the
+around the dense part) passes the :class:`~mdlora.embeddings.batch.Batch` through unchanged, so the
 caller moves it to the device first (``batch.to(device)``).
 """
 
@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embeddings.batch import Batch
-from trainer.backbone import Backbone
+from mdlora.embeddings.batch import Batch
+from mdlora.trainer.backbone import Backbone
 
 
 class CTRTask(nn.Module):
-    """Mean BCE-with-logits loss of a :class:`~trainer.backbone.Backbone` on a batch.
+    """Mean BCE-with-logits loss of a :class:`~mdlora.trainer.backbone.Backbone` on a batch.
 
     Args:
         backbone: the model; ``backbone(sparse, dense)`` gives logits [B].

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mdlora
-from adapters.bundle import (
+from mdlora.adapters.bundle import (
     FORMAT_VERSION,
     WEIGHTS,
     BackboneRef,
@@ -157,7 +157,7 @@ def test_invalid_manifest_values_are_refused(overrides, match):
 
 
 def test_crash_during_write_leaves_no_visible_bundle(tmp_path, monkeypatch):
-    import adapters.bundle as bundle_mod
+    import mdlora.adapters.bundle as bundle_mod
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.config import LoraConfig
-from adapters.inject import inject
-from adapters.lora import DomainLoRALinear
-from adapters.multilora import MultiLoRALinear
+from mdlora.adapters.config import LoraConfig
+from mdlora.adapters.inject import inject
+from mdlora.adapters.lora import DomainLoRALinear
+from mdlora.adapters.multilora import MultiLoRALinear
 from mdlora.config import ConfigError, from_dict
 
 DOMAINS, AUX = ["books", "films"], ["F", "M"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from adapters.registry import RESERVATION, Registry, RegistryError, _production_stack
-from jobs.cli import main
+from mdlora.adapters.registry import RESERVATION, Registry, RegistryError, _production_stack
+from mdlora.jobs.cli import main
 from mdlora.artifact import MANIFEST, ArtifactError, seal
 
 
@@ -174,8 +174,8 @@ def test_concurrent_publishers_get_distinct_versions_and_consistent_aliases(tmp_
 def test_s3_registry_round_trip(s3_env, tmp_path, monkeypatch):
     import torch
 
-    from adapters.bundle import BackboneRef, BundleManifest, load_bundle, write_bundle
-    from infra.storage import open_fs
+    from mdlora.adapters.bundle import BackboneRef, BundleManifest, load_bundle, write_bundle
+    from mdlora.infra.storage import open_fs
 
     uri = f"{s3_env}/registry"
     reg = Registry(*open_fs(uri))
@@ -270,7 +270,7 @@ def test_local_fetch_checks_every_file_before_handing_out_the_path(tmp_path):
 
 
 def test_verify_reports_an_adapter_bundle_too_new_to_read(tmp_path):
-    from adapters.bundle import write_bundle
+    from mdlora.adapters.bundle import write_bundle
     from tests.adapters.test_bundle import make_manifest, make_tensors, rewrite_manifest
 
     reg = local_registry(tmp_path / "reg")
@@ -288,7 +288,7 @@ def test_s3_fetch_cache_is_per_registry_checked_and_shared_safely(s3_env, tmp_pa
     downloaded again; a manifest naming a file outside its version writes nothing."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from infra.storage import open_fs
+    from mdlora.infra.storage import open_fs
 
     a, b = Registry(*open_fs(f"{s3_env}/a")), Registry(*open_fs(f"{s3_env}/b"))
     assert a.publish("adapters", "books", make_artifact(tmp_path / "a", b"weights of a")) == "v0001"
@@ -314,7 +314,7 @@ def test_s3_fetch_cache_is_per_registry_checked_and_shared_safely(s3_env, tmp_pa
 def test_s3_alias_change_whose_reply_was_lost_is_applied_once(s3_env, tmp_path, monkeypatch):
     """The PUT of a rollback lands but its reply is lost; the retry meets a 412 (the ETag moved):
     the registry sees its own change already there instead of rolling back a second time."""
-    from infra.storage import open_fs
+    from mdlora.infra.storage import open_fs
 
     reg = Registry(*open_fs(f"{s3_env}/registry"))
     src = make_artifact(tmp_path / "src")

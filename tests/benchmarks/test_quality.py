@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from benchmarks import quality
-from infra.synth import generate
+from mdlora.infra.synth import generate
 
 
 @pytest.fixture(scope="module")

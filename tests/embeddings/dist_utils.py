@@ -97,7 +97,7 @@ class TinyModel(torch.nn.Module):
 
     def __init__(self, schema, device: str = "meta"):
         super().__init__()
-        from embeddings.tables import build_ebc
+        from mdlora.embeddings.tables import build_ebc
 
         self.keys = schema.feature_names
         self.ebc = build_ebc(schema, device)

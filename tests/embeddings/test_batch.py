@@ -7,9 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from embeddings.batch import BatchConverter, LogValidationError, find_problems
-from embeddings.hashing import bucket, hash_ints, hash_strings
-from embeddings.schema import Schema
+from mdlora.embeddings.batch import BatchConverter, LogValidationError, find_problems
+from mdlora.embeddings.hashing import bucket, hash_ints, hash_strings
+from mdlora.embeddings.schema import Schema
 
 M64 = (1 << 64) - 1
 

@@ -15,10 +15,10 @@ from torchrec.distributed.sharding_plan import (
 )
 from torchrec.distributed.types import ShardingPlan
 
-import embeddings.checkpoint as ckpt
-from embeddings import sharding
-from embeddings.schema import Schema
-from embeddings.snapshot import gather_state, state_hash
+import mdlora.embeddings.checkpoint as ckpt
+from mdlora.embeddings import sharding
+from mdlora.embeddings.schema import Schema
+from mdlora.embeddings.snapshot import gather_state, state_hash
 from tests.embeddings.dist_utils import TINY_SCHEMA, TinyModel, run_gloo, tiny_batch
 
 LR = 0.1

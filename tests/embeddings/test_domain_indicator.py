@@ -5,9 +5,9 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from embeddings.batch import BatchConverter
-from embeddings.hashing import bucket, hash_strings
-from embeddings.schema import Schema
+from mdlora.embeddings.batch import BatchConverter
+from mdlora.embeddings.hashing import bucket, hash_strings
+from mdlora.embeddings.schema import Schema
 
 
 def test_domain_column_doubles_as_a_hashed_feature():

@@ -7,10 +7,10 @@ import json
 import pytest
 import yaml
 
-from embeddings import sharding
-from embeddings.schema import Schema
-from embeddings.tables import build_ebc, pooled_keys
-from jobs.cli import main
+from mdlora.embeddings import sharding
+from mdlora.embeddings.schema import Schema
+from mdlora.embeddings.tables import build_ebc, pooled_keys
+from mdlora.jobs.cli import main
 
 
 def _schema(rows: int, dim: int, n: int = 4) -> Schema:

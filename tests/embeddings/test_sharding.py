@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from embeddings import sharding
-from embeddings.schema import Schema
-from embeddings.snapshot import gather_state, state_hash
+from mdlora.embeddings import sharding
+from mdlora.embeddings.schema import Schema
+from mdlora.embeddings.snapshot import gather_state, state_hash
 from tests.embeddings.dist_utils import TINY_SCHEMA, TinyModel, run_gloo, tiny_batch
 
 

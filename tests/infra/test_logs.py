@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embeddings.batch import BatchConverter, LogValidationError
-from embeddings.schema import Schema
-from infra.logs import LogDataset, LogReadError
+from mdlora.embeddings.batch import BatchConverter, LogValidationError
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.logs import LogDataset, LogReadError
 
 DAYS = ["2024-01-01", "2024-01-02", "2024-01-03"]
 

@@ -21,15 +21,16 @@ import os
 import re
 import shlex
 import subprocess
+import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from infra.submit import EXCLUDES, job_runtime_env, load_runtime_env
-from jobs.cli import build_parser
-from trainer.config import load_adapt_config, load_retrain_config, load_run_config
+from mdlora.infra.submit import EXCLUDES, job_runtime_env, load_runtime_env
+from mdlora.jobs.cli import build_parser
+from mdlora.trainer.config import load_adapt_config, load_retrain_config, load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = sorted((ROOT / "infra/k8s").glob("*.yaml"))
@@ -40,7 +41,7 @@ ARTEFACTS = [*K8S, CLUSTER, *DOCKERFILES, RUNTIME_ENV, ROOT / ".dockerignore"]
 KINDS = {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob"), ("batch/v1", "CronJob"),
          ("v1", "ConfigMap"), ("v1", "ServiceAccount")}
 LOADERS = {"pretrain": load_run_config, "adapt": load_adapt_config, "retrain": load_retrain_config}
-PACKAGES = set(re.findall(r'"(\w+)\*"', re.search(r"include = \[(.*)\]", (ROOT / "pyproject.toml").read_text())[1]))
+PACKAGES = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
 SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)
 
 

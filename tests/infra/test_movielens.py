@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from embeddings.schema import Schema
-from infra import movielens
-from jobs.cli import main
+from mdlora.embeddings.schema import Schema
+from mdlora.infra import movielens
+from mdlora.jobs.cli import main
 
 # user -> (gender, ML-1M age code, occupation, zip); ML-100K real ages map onto the same codes.
 USERS = {
@@ -255,7 +255,7 @@ def test_real_ml1m_domain_counts(tmp_path):
 
 @pytest.mark.integration
 def test_s3_output(s3_env, tmp_path):
-    from infra.storage import open_fs
+    from mdlora.infra.storage import open_fs
 
     src = write_ml1m(tmp_path / "src", csv=True)
     movielens.import_movielens(src, f"{s3_env}/ml", seed=0)

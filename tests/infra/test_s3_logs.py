@@ -5,10 +5,10 @@ from __future__ import annotations
 import pyarrow.dataset as ds
 import pytest
 
-from embeddings.batch import BatchConverter
-from embeddings.schema import Schema
-from infra.logs import LogDataset, validate_dataset
-from infra.storage import open_fs
+from mdlora.embeddings.batch import BatchConverter
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.logs import LogDataset, validate_dataset
+from mdlora.infra.storage import open_fs
 from tests.infra.test_logs import write_logs
 
 

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from infra.storage import check_writable, open_fs
+from mdlora.infra.storage import check_writable, open_fs
 
 
 def test_a_missing_local_directory_is_probed_in_its_nearest_parent_and_nothing_is_left(tmp_path):

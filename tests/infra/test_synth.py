@@ -10,9 +10,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from embeddings.schema import Schema
-from infra import synth
-from jobs.cli import main
+from mdlora.embeddings.schema import Schema
+from mdlora.infra import synth
+from mdlora.jobs.cli import main
 from mdlora.atomic import sha256_tree
 
 ARGS = dict(rows=60_000, domains=5, seed=3, holdout_domains=1, days=3, users=5000, items=3000)
@@ -187,7 +187,7 @@ def test_cli(tmp_path, capsys):
 
 @pytest.mark.integration
 def test_s3_round_trip(s3_env, tmp_path):
-    from infra.storage import open_fs
+    from mdlora.infra.storage import open_fs
 
     args = dict(rows=3000, domains=3, seed=1, holdout_domains=1, days=2, users=500, items=500)
     uri = f"{s3_env}/logs"

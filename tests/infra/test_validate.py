@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from embeddings.schema import Schema
-from infra.logs import validate_dataset
-from jobs.cli import main
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.logs import validate_dataset
+from mdlora.jobs.cli import main
 from tests.infra.test_logs import make_rows, write_logs
 
 
@@ -114,7 +114,7 @@ def test_cli_subprocess(schema_path, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "jobs.cli",
+        "mdlora.jobs.cli",
         "validate-logs",
         "--schema",
         str(schema_path),

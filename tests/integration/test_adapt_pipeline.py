@@ -11,18 +11,18 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from adapters.bundle import BundleError
-from adapters.registry import Registry
-from embeddings.schema import Schema
-from infra.adapt import adapt
-from infra.pretrain import pretrain
-from infra.score import Scorer
-from infra.storage import open_fs
-from infra.synth import generate
-from jobs.cli import main
+from mdlora.adapters.bundle import BundleError
+from mdlora.adapters.registry import Registry
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.adapt import adapt
+from mdlora.infra.pretrain import pretrain
+from mdlora.infra.score import Scorer
+from mdlora.infra.storage import open_fs
+from mdlora.infra.synth import generate
+from mdlora.jobs.cli import main
 from mdlora.artifact import read_manifest
 from mdlora.atomic import sha256_file, sha256_tree, write_json
-from trainer.config import load_adapt_config, load_run_config
+from mdlora.trainer.config import load_adapt_config, load_run_config
 
 pytestmark = pytest.mark.integration
 

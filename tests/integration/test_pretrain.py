@@ -35,7 +35,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory):
-    from infra.synth import generate
+    from mdlora.infra.synth import generate
 
     out = tmp_path_factory.mktemp("logs") / "synth"
     generate(str(out), rows=30_000, domains=3, seed=3, users=3000, items=3000)
@@ -44,7 +44,7 @@ def logs(tmp_path_factory):
 
 def run_config(logs: Path, root: Path, **loop):
     from mdlora.config import from_dict
-    from trainer.config import RunConfig
+    from mdlora.trainer.config import RunConfig
 
     return from_dict(RunConfig, {
         "data": {"schema": str(logs / "schema.yaml"), "train": str(logs / "train"),
@@ -59,12 +59,12 @@ def run_config(logs: Path, root: Path, **loop):
 
 def test_pretrain_two_workers_survives_a_killed_worker(ray_local, logs, tmp_path, monkeypatch):
 
-    from embeddings.batch import BatchConverter
-    from infra.logs import LogDataset
-    from infra.pretrain import load_schema, pretrain
-    from trainer.env import DistEnv
-    from trainer.loop import evaluate
-    from trainer.recipes import load_unsharded
+    from mdlora.embeddings.batch import BatchConverter
+    from mdlora.infra.logs import LogDataset
+    from mdlora.infra.pretrain import load_schema, pretrain
+    from mdlora.trainer.env import DistEnv
+    from mdlora.trainer.loop import evaluate
+    from mdlora.trainer.recipes import load_unsharded
 
     marker, in_write = tmp_path / "killed", tmp_path / "killed-in-write"
     monkeypatch.setenv("MDLORA_FAULT_KILL", f"1:17:{marker}")

@@ -25,16 +25,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from adapters.bundle import BundleError, load_bundle
-from adapters.registry import Registry
-from infra.pretrain import pretrain
-from infra.score import Scorer
-from infra.storage import open_fs
-from infra.synth import generate
-from jobs.cli import main
+from mdlora.adapters.bundle import BundleError, load_bundle
+from mdlora.adapters.registry import Registry
+from mdlora.infra.pretrain import pretrain
+from mdlora.infra.score import Scorer
+from mdlora.infra.storage import open_fs
+from mdlora.infra.synth import generate
+from mdlora.jobs.cli import main
 from mdlora.artifact import read_manifest
 from mdlora.atomic import sha256_file, sha256_tree
-from trainer.config import load_adapt_config, load_retrain_config, load_run_config
+from mdlora.trainer.config import load_adapt_config, load_retrain_config, load_run_config
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def _production(reg: Registry) -> dict[str, str]:
 
 def _retrain_process(cluster: str, config: Path, window: str, **env: str) -> subprocess.CompletedProcess:
     """``mdlora retrain`` in its own process on the test's Ray cluster (so a SIGKILL is a real one)."""
-    argv = [sys.executable, "-m", "jobs.cli", "retrain", "--config", str(config), "--window", window]
+    argv = [sys.executable, "-m", "mdlora.jobs.cli", "retrain", "--config", str(config), "--window", window]
     return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "RAY_ADDRESS": cluster, **env})
 
@@ -94,7 +94,7 @@ def world(ray_local, tmp_path_factory):
     pretrain(load_run_config(None, data + [f"output.root={reg}", "output.model=ctr", f"data.window={W0}",
                                            "data.batch_size=512", "loop.epochs=2", "loop.log_every=0",
                                            "model.hidden=[32,16]", "dist.max_failures=0"]))
-    from infra.adapt import add_domain
+    from mdlora.infra.adapt import add_domain
 
     add_domain(load_adapt_config(None, data + [f"output.root={reg}", "output.model=ctr", "lora.alpha=4",
                                                "train.batch_size=64", "train.lr=0.03", "loop.epochs=4",
@@ -120,14 +120,14 @@ def world(ray_local, tmp_path_factory):
     w["prod_kill2"], w["versions_kill2"] = _production(registry), versions()
     # attempt 3: fails after training, before the gate decides
     with pytest.MonkeyPatch.context() as mp:
-        import infra.retrain
+        import mdlora.infra.retrain
 
         def boom(*a, **k):
             raise RuntimeError("injected failure in the gate")
 
-        mp.setattr(infra.retrain, "evaluate", boom)
+        mp.setattr(mdlora.infra.retrain, "evaluate", boom)
         with pytest.raises(RuntimeError, match="injected"):
-            infra.retrain.retrain(cfg, W1)
+            mdlora.infra.retrain.retrain(cfg, W1)
     w["prod_failed"], w["versions_failed"] = _production(registry), versions()
     w["r1"] = main(["retrain", "--config", str(config), "--window", W1, "--json"])  # resumes and finishes
     w["versions1"], w["tree1"] = versions(), _tree(reg)
@@ -148,7 +148,7 @@ def world(ray_local, tmp_path_factory):
 
     refused = threading.Thread(target=second, daemon=True)
     refused.start()
-    w["r2"] = infra.retrain.retrain(cfg, W2)
+    w["r2"] = mdlora.infra.retrain.retrain(cfg, W2)
     refused.join(300)
     w["versions2"] = versions()
     yield w
@@ -214,7 +214,7 @@ def test_window1_promotes_the_rebased_domains_and_a_rerun_creates_nothing(world)
     assert json.loads((world["reg"] / "backbones" / "ctr" / "v0002" / "config.json").read_text())[
         "model"]["init_from"] == "v0001"  # warm start recorded
     assert world["tree1_again"] == world["tree1"]  # the rerun of a finished window published nothing
-    from infra.retrain import retrain
+    from mdlora.infra.retrain import retrain
 
     assert retrain(load_retrain_config(str(world["config"])), W1) == report | {"rerun": True}
 
@@ -290,11 +290,11 @@ def test_warm_start_starts_from_the_production_weights(world, tmp_path):
     the backbone it started from, and those are far from a fresh initialisation."""
     import torch
 
-    from embeddings.schema import Schema
-    from embeddings.tables import build_ebc
-    from trainer.backbone import build_backbone
-    from trainer.config import ModelConfig
-    from trainer.recipes import load_unsharded
+    from mdlora.embeddings.schema import Schema
+    from mdlora.embeddings.tables import build_ebc
+    from mdlora.trainer.backbone import build_backbone
+    from mdlora.trainer.config import ModelConfig
+    from mdlora.trainer.recipes import load_unsharded
 
     root = tmp_path / "reg"
     shutil.copytree(world["reg"] / "backbones", root / "backbones")
@@ -318,7 +318,7 @@ def test_warm_start_starts_from_the_production_weights(world, tmp_path):
 def test_a_missing_holdout_fails_before_anything_is_published(world):
     before = _tree(world["reg"])
     cfg = load_retrain_config(str(world["config"]), [f"gate.holdout={world['base']}/nope"])
-    from infra.retrain import retrain
+    from mdlora.infra.retrain import retrain
 
     with pytest.raises(FileNotFoundError, match="gate.holdout"):
         retrain(cfg, W2)

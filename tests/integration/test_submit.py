@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from infra.synth import generate
+from mdlora.infra.synth import generate
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ def head(s3):
 
 
 def _submit(head: dict, args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "jobs.cli", "submit", "--address", head["url"], *args]
+    cmd = [sys.executable, "-m", "mdlora.jobs.cli", "submit", "--address", head["url"], *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -112,7 +112,7 @@ def test_a_client_without_the_token_is_refused(head, tmp_path):
 
 @pytest.mark.parametrize("name", ["AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN", "DB_PASSWORD", "aws_access_key_id"])
 def test_credential_like_job_env_is_refused(name):
-    from infra.submit import job_runtime_env
+    from mdlora.infra.submit import job_runtime_env
 
     for base, extra in (({"env_vars": {name: "do-not-print-me"}}, None), (None, {name: "do-not-print-me"})):
         with pytest.raises(ValueError, match="looks like a credential") as e:

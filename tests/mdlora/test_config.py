@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mdlora.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
-from trainer.config import RunConfig, load_run_config
+from mdlora.trainer.config import RunConfig, load_run_config
 
 
 def test_defaults_round_trip():

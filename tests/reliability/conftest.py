@@ -2,7 +2,7 @@
 and a runner for the ``mdlora`` CLI in a separate process (so that a SIGKILL is a real one).
 
 The backbone is the real artefact ``mdlora pretrain`` publishes (DCP shards, schema, config,
-manifest), written by :func:`infra.pretrain.publish_backbone` from untrained weights: the
+manifest), written by :func:`mdlora.infra.pretrain.publish_backbone` from untrained weights: the
 faults tested here are about files, not about learning, and need no Ray start-up.
 """
 
@@ -22,7 +22,7 @@ SECRET = "s3cr3t-SENTINEL-do-not-log-7f3a"
 
 def cli(args: list[str], *, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``mdlora ARGS`` in a new Python process; returns the completed process (text)."""
-    return py_argv(["-m", "jobs.cli", *args], env=env, timeout=timeout)
+    return py_argv(["-m", "mdlora.jobs.cli", *args], env=env, timeout=timeout)
 
 
 def py(code: str, *, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -56,15 +56,15 @@ def publish_untrained_backbone(logs: Path, root: Path) -> dict:
     """Publish a real (untrained) ``ctr`` backbone of the ``logs`` schema into the registry at ``root``."""
     import tempfile
 
-    from embeddings.checkpoint import write_shards
-    from embeddings.tables import build_ebc
-    from infra.pretrain import load_schema, publish_backbone, resolve_paths
+    from mdlora.embeddings.checkpoint import write_shards
+    from mdlora.embeddings.tables import build_ebc
+    from mdlora.infra.pretrain import load_schema, publish_backbone, resolve_paths
     from mdlora.atomic import write_json
-    from trainer.backbone import build_backbone
-    from trainer.config import load_run_config
-    from trainer.loop import TrainState
-    from trainer.recipes import PLAN_FILE, STATE_FILE
-    from trainer.task import CTRTask
+    from mdlora.trainer.backbone import build_backbone
+    from mdlora.trainer.config import load_run_config
+    from mdlora.trainer.loop import TrainState
+    from mdlora.trainer.recipes import PLAN_FILE, STATE_FILE
+    from mdlora.trainer.task import CTRTask
 
     cfg = resolve_paths(load_run_config(None, run_overrides(logs, root)))
     schema = load_schema(cfg.data.schema)
@@ -81,14 +81,14 @@ def write_test_bundle(dest: Path, backbone: dict, domain: str) -> None:
     """A real adapter bundle for ``domain`` on ``backbone`` (LoRA B random so that it matters)."""
     import torch
 
-    from adapters.bundle import BackboneRef, BundleManifest, write_bundle
-    from adapters.config import LoraConfig
-    from adapters.inject import inject
-    from embeddings.schema import Schema
-    from embeddings.tables import build_ebc
+    from mdlora.adapters.bundle import BackboneRef, BundleManifest, write_bundle
+    from mdlora.adapters.config import LoraConfig
+    from mdlora.adapters.inject import inject
+    from mdlora.embeddings.schema import Schema
+    from mdlora.embeddings.tables import build_ebc
     from mdlora.config import to_dict
-    from trainer.backbone import build_backbone
-    from trainer.config import ModelConfig
+    from mdlora.trainer.backbone import build_backbone
+    from mdlora.trainer.config import ModelConfig
 
     schema = Schema.load(Path(backbone["path"]) / "schema.yaml").with_domains([domain])
     torch.manual_seed(0)
@@ -106,7 +106,7 @@ def write_test_bundle(dest: Path, backbone: dict, domain: str) -> None:
 @pytest.fixture(scope="session")
 def tiny_logs(tmp_path_factory) -> Path:
     """3 domains (d00..d02) + 1 held-out (d03), 2 days, ~4k rows: seconds to write."""
-    from infra.synth import generate
+    from mdlora.infra.synth import generate
 
     out = tmp_path_factory.mktemp("rel-logs") / "synth"
     generate(str(out), rows=4000, domains=4, holdout_domains=1, seed=11, users=300, items=300, days=2)
@@ -116,8 +116,8 @@ def tiny_logs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def world(tiny_logs, tmp_path_factory) -> dict:
     """A registry with backbone ``ctr`` v0001 (production) and adapter ``d00`` v0001 (production)."""
-    from adapters.registry import Registry
-    from infra.storage import open_fs
+    from mdlora.adapters.registry import Registry
+    from mdlora.infra.storage import open_fs
 
     root = tmp_path_factory.mktemp("rel-world") / "registry"
     backbone = publish_untrained_backbone(tiny_logs, root)

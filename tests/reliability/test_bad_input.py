@@ -1,4 +1,4 @@
-"""Bad input, table-driven, through the real CLI (``jobs.cli.main``): every case exits 2 with one
+"""Bad input, table-driven, through the real CLI (``mdlora.jobs.cli.main``): every case exits 2 with one
 error line naming the problem, and writes nothing.
 
 Cases: schema/log mismatches (pretrain), configs with unknown keys, wrong types and impossible
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.cli import main
+from mdlora.jobs.cli import main
 from tests.reliability.conftest import adapt_overrides, run_overrides, sets
 
 
@@ -74,12 +74,12 @@ CONFIGS = {
 @pytest.fixture(autouse=True)
 def no_ray(monkeypatch):
     """Tripwire: bad input must be refused before any Ray start."""
-    import infra.ray_backend
+    import mdlora.infra.ray_backend
 
     def refuse(*_, **__):
         raise AssertionError("bad input reached Ray")
 
-    monkeypatch.setattr(infra.ray_backend, "init_ray", refuse)
+    monkeypatch.setattr(mdlora.infra.ray_backend, "init_ray", refuse)
 
 
 def _refused(capsys, argv: list[str], expect: list[str]) -> str:
@@ -192,7 +192,7 @@ def test_demo_never_deletes_a_directory_it_did_not_make(tmp_path):
     from tests.reliability.conftest import py_argv
 
     (tmp_path / "mine.txt").write_text("precious\n")
-    r = py_argv(["-m", "jobs.demo", "--out", str(tmp_path)], env=None, timeout=120)
+    r = py_argv(["-m", "mdlora.jobs.demo", "--out", str(tmp_path)], env=None, timeout=120)
     assert r.returncode != 0 and "is not an earlier demo's output" in r.stderr and str(tmp_path) in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
     assert (tmp_path / "mine.txt").read_text() == "precious\n"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.registry import Registry
-from infra.storage import open_fs
+from mdlora.adapters.registry import Registry
+from mdlora.infra.storage import open_fs
 from tests.reliability.conftest import publish_untrained_backbone, py, write_test_bundle
 
 KILLED = -signal.SIGKILL
@@ -48,7 +48,7 @@ def test_checkpoint(tmp_path):
     root = tmp_path / "ckpt"
     code = f"""
 import torch
-from embeddings import checkpoint as ckpt
+from mdlora.embeddings import checkpoint as ckpt
 torch.manual_seed(0)
 model = torch.nn.Linear(4, 2)
 opt = torch.optim.Adam(model.parameters())
@@ -60,7 +60,7 @@ ckpt.save_checkpoint({str(root)!r}, 2, model, opt, {{"step": 2}}, rank=0)
     _killed(code, "step-2.tmp/meta.json")
     import torch
 
-    from embeddings import checkpoint as ckpt
+    from mdlora.embeddings import checkpoint as ckpt
 
     latest = ckpt.latest_checkpoint(root)
     assert latest == root / "step-1"
@@ -115,8 +115,8 @@ def test_bundle_publish(registry, world):
     """``Registry.publish`` of a second d00 version killed before its manifest."""
     reg, root = registry
     code = f"""
-from adapters.registry import Registry
-from infra.storage import open_fs
+from mdlora.adapters.registry import Registry
+from mdlora.infra.storage import open_fs
 Registry(*open_fs({str(root)!r})).publish("adapters", "d00", {str(world['bundle'])!r})
 """
     _killed(code, "adapters/d00/v0002/manifest.json")
@@ -131,8 +131,8 @@ def test_registry_index(registry, world):
     v2 = reg.publish("adapters", "d00", world["bundle"])
     history = reg.history("adapters", "d00")
     code = f"""
-from adapters.registry import Registry
-from infra.storage import open_fs
+from mdlora.adapters.registry import Registry
+from mdlora.infra.storage import open_fs
 Registry(*open_fs({str(root)!r})).promote("adapters", "d00", {v2!r})
 """
     _killed(code, "adapters/d00/aliases.json")

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from adapters.registry import Registry
-from infra.storage import open_fs
-from jobs.cli import main
+from mdlora.adapters.registry import Registry
+from mdlora.infra.storage import open_fs
+from mdlora.jobs.cli import main
 from tests.reliability.conftest import adapt_overrides, run_overrides, sets
 
 

@@ -57,8 +57,8 @@ def test_four_add_domain_jobs_at_once(world, new_domains, cluster, tmp_path):
     """Every job publishes and promotes its own v0001; nothing else in the registry changes."""
     import shutil
 
-    from adapters.registry import Registry
-    from infra.storage import open_fs
+    from mdlora.adapters.registry import Registry
+    from mdlora.infra.storage import open_fs
     from mdlora.atomic import sha256_tree
 
     reg_root = tmp_path / "registry"
@@ -71,7 +71,7 @@ def test_four_add_domain_jobs_at_once(world, new_domains, cluster, tmp_path):
             "loop.epochs=2", "loop.patience=1", "train.tasks=1", "dist.world_size=1", "dist.max_failures=0"]
     env = {**os.environ, "RAY_ADDRESS": cluster}
     procs = {d: subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "add-domain", "--config", str(config), "--domain", d,
+        [sys.executable, "-m", "mdlora.jobs.cli", "add-domain", "--config", str(config), "--domain", d,
          "--data", str(new_domains[d]), "--json", *sets(over)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in NEW_DOMAINS}
     try:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from infra.retrain_lock import RetrainLock, RetrainLocked
+from mdlora.infra.retrain_lock import RetrainLock, RetrainLocked
 
 ROOT = Path(__file__).resolve().parents[2]
 HOLD = """
 import sys, time
-from infra.retrain_lock import RetrainLock
+from mdlora.infra.retrain_lock import RetrainLock
 lock = RetrainLock(sys.argv[1], "ctr", {"run": "holder"}, 60)
 lock.acquire()
 print("locked", flush=True)
@@ -28,7 +28,7 @@ time.sleep(120)
 
 
 def _mdlora(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mdlora.jobs.cli", *args], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
 
 

@@ -86,8 +86,8 @@ def artefact(directory: Path) -> Path:
 def test_publish_survives_or_fails_cleanly(downtime, endpoint, tmp_path, monkeypatch):
     import s3fs
 
-    from adapters.registry import Registry
-    from infra.storage import open_fs
+    from mdlora.adapters.registry import Registry
+    from mdlora.infra.storage import open_fs
 
     env = {"MDLORA_S3_ENDPOINT": endpoint.url, "AWS_ACCESS_KEY_ID": "outage-key",
            "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
@@ -111,7 +111,7 @@ def test_publish_survives_or_fails_cleanly(downtime, endpoint, tmp_path, monkeyp
 
     cutter = threading.Thread(target=outage, daemon=True)
     cutter.start()
-    code = ("from adapters.registry import Registry; from infra.storage import open_fs; "
+    code = ("from mdlora.adapters.registry import Registry; from mdlora.infra.storage import open_fs; "
             f"print(Registry(*open_fs('s3://{endpoint.bucket}/registry')).publish('backbones', 'ctr', {str(src)!r}))")
     r = py(code, env=env, timeout=180)
     done.set()

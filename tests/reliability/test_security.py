@@ -73,10 +73,10 @@ class _Payload:
 def test_a_backbone_whose_checkpoint_metadata_runs_code_is_refused(world, tmp_path):
     import pickle
 
-    from embeddings.schema import Schema
+    from mdlora.embeddings.schema import Schema
     from mdlora.artifact import read_manifest, seal
-    from trainer.config import ModelConfig
-    from trainer.recipes import load_unsharded
+    from mdlora.trainer.config import ModelConfig
+    from mdlora.trainer.recipes import load_unsharded
 
     backbone = tmp_path / "v0001"
     shutil.copytree(world["backbone"]["path"], backbone)
@@ -105,9 +105,9 @@ def test_adapter_bundles_are_safetensors_and_json_only(world):
 def test_secret_key_never_appears_in_outputs(world, s3_server, tmp_path, monkeypatch, capfd):
     import s3fs
 
-    from adapters.registry import Registry
-    from infra.storage import open_fs
-    from jobs.cli import main
+    from mdlora.adapters.registry import Registry
+    from mdlora.infra.storage import open_fs
+    from mdlora.jobs.cli import main
 
     monkeypatch.setenv("MDLORA_S3_ENDPOINT", s3_server)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "sentinel-key-id")
@@ -158,7 +158,7 @@ def test_ray_token_not_echoed_by_submit(tmp_path):
 
 EMBEDDED_DASHBOARD = """
 import json, urllib.error, urllib.request
-from infra.ray_backend import init_ray
+from mdlora.infra.ray_backend import init_ray
 init_ray(num_cpus=1)
 import ray
 url = "http://" + ray._private.worker.get_dashboard_url()

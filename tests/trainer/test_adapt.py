@@ -1,4 +1,4 @@
-"""Adapter training on cached features (trainer.adapt): exactness, frozen backbone, gains, stopping."""
+"""Adapter training on cached features (mdlora.trainer.adapt): exactness, frozen backbone, gains, stopping."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from adapters.config import LoraConfig
-from adapters.inject import inject
-from embeddings.batch import BatchConverter
-from embeddings.schema import Schema
-from embeddings.tables import build_ebc
-from trainer.adapt import (
+from mdlora.adapters.config import LoraConfig
+from mdlora.adapters.inject import inject
+from mdlora.embeddings.batch import BatchConverter
+from mdlora.embeddings.schema import Schema
+from mdlora.embeddings.tables import build_ebc
+from mdlora.trainer.adapt import (
     Features,
     Head,
     gain_confidence,
@@ -22,9 +22,9 @@ from trainer.adapt import (
     train_mlora_domain,
     train_multilora,
 )
-from trainer.backbone import build_backbone
-from trainer.config import AdaptTrainConfig, LoopConfig, ModelConfig
-from trainer.metrics import DomainMetrics
+from mdlora.trainer.backbone import build_backbone
+from mdlora.trainer.config import AdaptTrainConfig, LoopConfig, ModelConfig
+from mdlora.trainer.metrics import DomainMetrics
 
 E, VOCAB = 8, ["a", "b", "c"]
 

@@ -10,10 +10,10 @@ import torch
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from embeddings.batch import Batch
-from embeddings.schema import Schema
-from trainer.backbone import Backbone, build_backbone, pooled_feature_dims
-from trainer.config import ModelConfig
+from mdlora.embeddings.batch import Batch
+from mdlora.embeddings.schema import Schema
+from mdlora.trainer.backbone import Backbone, build_backbone, pooled_feature_dims
+from mdlora.trainer.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

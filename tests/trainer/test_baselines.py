@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embeddings.schema import Schema
+from mdlora.embeddings.schema import Schema
 from tests.trainer.test_backbone import build, make_batch
-from trainer.baselines import (
+from mdlora.trainer.baselines import (
     STAR,
     DomainCTRTask,
     MMoE,
@@ -16,7 +16,7 @@ from trainer.baselines import (
     SharedBottom,
     StarLinear,
 )
-from trainer.config import ModelConfig
+from mdlora.trainer.config import ModelConfig
 
 E, K = 12, 3
 HEADS = {

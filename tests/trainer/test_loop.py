@@ -9,14 +9,14 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.batch import Batch
-from trainer.config import LoopConfig
-from trainer.env import DistEnv
-from trainer.loop import DataExhaustedError, Hooks, TrainState, evaluate, lr_factor, train
+from mdlora.embeddings.batch import Batch
+from mdlora.trainer.config import LoopConfig
+from mdlora.trainer.env import DistEnv
+from mdlora.trainer.loop import DataExhaustedError, Hooks, TrainState, evaluate, lr_factor, train
 
 
 class Toy(torch.nn.Module):
-    """logit = w·dense + b, BCE; the same output contract as trainer.task.CTRTask."""
+    """logit = w·dense + b, BCE; the same output contract as mdlora.trainer.task.CTRTask."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
 from tests.conftest import free_port
-from trainer.metrics import DomainMetrics, format_table
+from mdlora.trainer.metrics import DomainMetrics, format_table
 
 T = torch.tensor
 

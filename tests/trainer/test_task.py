@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embeddings.batch import Batch
-from embeddings.schema import Schema
+from mdlora.embeddings.batch import Batch
+from mdlora.embeddings.schema import Schema
 from tests.trainer.test_backbone import build, make_batch
-from trainer.backbone import build_backbone
-from trainer.config import ModelConfig
-from trainer.task import CTRTask
+from mdlora.trainer.backbone import build_backbone
+from mdlora.trainer.config import ModelConfig
+from mdlora.trainer.task import CTRTask
 
 
 @pytest.fixture
