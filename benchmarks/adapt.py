@@ -94,7 +94,7 @@ def param_shares(head: Head, alphas: list[float]) -> dict[str, dict]:
 def bundle_bytes(schema: Schema, head: Head, lora: LoraConfig, domain: str, work: Path) -> dict:
     """Bytes on disk of one domain's bundle (``write_bundle``) vs the backbone's fp32 parameter
     bytes (tables + tower + output)."""
-    from mdlora.adapters.bundle import BackboneRef, BundleManifest, write_bundle
+    from mdlora.infra.artifacts.bundle import BackboneRef, BundleManifest, write_bundle
     from mdlora.config import to_dict
 
     adapted = inject(Head.of(head), lora, [domain])

@@ -4,7 +4,7 @@ Set-up (untimed): the reference schema with ``domains`` natural domains; a backb
 checkpointed by mdlora's own recipe (``setup_pretrain`` in a 1-rank gloo group,
 ``Setup.save``) and published with ``mdlora.infra.pretrain.publish_backbone``; one MLoRA bundle per
 domain (default LoRA config, every factor random so no update is zero) written with
-``mdlora.adapters.bundle.write_bundle`` and promoted to production in the registry.
+``mdlora.infra.artifacts.bundle.write_bundle`` and promoted to production in the registry.
 
 Timed: :meth:`mdlora.infra.score.Scorer.score_table` on the same N mixed-domain rows (an Arrow table in
 memory: conversion + lookups + tower + routing, no Parquet I/O) by a Scorer holding every
@@ -34,14 +34,14 @@ GOAL = 0.8
 
 def publish_fixture(work: Path, ref: Reference, rows: int) -> tuple[str, str, Path]:
     """Data, a published backbone and one production bundle per domain -> (root, model, data)."""
-    from mdlora.adapters.bundle import BundleManifest, write_bundle
+    from mdlora.infra.artifacts.bundle import BundleManifest, write_bundle
     from mdlora.adapters.config import LoraConfig
     from mdlora.adapters.inject import inject
-    from mdlora.adapters.registry import Registry
+    from mdlora.infra.artifacts.registry import Registry
     from benchmarks.scaling import one_rank_group
     from mdlora.embeddings.schema import Schema
-    from mdlora.infra.adapt import open_backbone
-    from mdlora.infra.pretrain import publish_backbone
+    from mdlora.infra.artifacts import open_backbone
+    from mdlora.infra.artifacts import publish_backbone
     from mdlora.infra.storage import open_fs
     from mdlora.config import to_dict
     from mdlora.trainer.config import RunConfig

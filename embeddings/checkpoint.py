@@ -1,21 +1,12 @@
 """Sharded checkpoints of a DMP-wrapped model with ``torch.distributed.checkpoint`` (DCP).
 
-Layout under ``root`` (a local directory; ``infra/storage.py`` moves it to S3)::
+A checkpoint directory, written by every rank with :func:`write_shards` and committed by
+whoever owns the run (Ray Train's ``report`` commits the ranks' files as one checkpoint;
+:mod:`mdlora.trainer.recipes` adds the train state and plan)::
 
-    root/step-<N>/        one committed checkpoint
-        .metadata, __<rank>_<i>.distcp   DCP: model weights (every table shard) + fused
-                                         sparse-optimiser state (e.g. rowwise-adagrad momentum)
-        dense_optim.pt    dense optimiser state (replicated, written by rank 0)
-        meta.json         {"step", "extra", "world_size", "plan"}; written last
-    root/latest           name of the newest committed step dir (one line)
-
-Commit protocol (:func:`save_checkpoint`; ``root`` must be one directory every rank sees: one
-host or a shared file system): every rank writes its shards into ``root/.step-<N>.tmp/``
-(:func:`write_shards`); when DCP's save returns, its metadata is complete, and rank 0 writes
-``meta.json``, renames the dir to ``step-<N>`` and rewrites ``latest`` atomically. A crash
-before the rename leaves only a hidden ``.tmp`` dir (removed by the next save) and ``latest``
-on the previous step. Where something else commits (Ray Train's ``report`` uploads per-rank
-dirs), use :func:`write_shards` / :func:`read_shards` directly.
+    .metadata, __<rank>_<i>.distcp   DCP: model weights (every table shard) + fused
+                                     sparse-optimiser state (e.g. rowwise-adagrad momentum)
+    dense_optim.pt                   dense optimiser state (replicated, written by rank 0)
 
 Loading never runs arbitrary pickles: DCP keeps its ``.metadata`` as a pickle, which
 :class:`SafeReader` reads with an unpickler that builds only DCP's metadata classes, torch sizes,
@@ -32,10 +23,7 @@ are dropped) so that wrapped and unwrapped models agree.
 from __future__ import annotations
 
 import io
-import json
 import pickle
-import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -46,10 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
-from mdlora.embeddings.sharding import module_tables, plan_to_dict
-from mdlora.atomic import write_bytes, write_json
 
-_STEP = re.compile(r"^step-(\d+)$")
 _WRAPPERS = ("module.", "_dmp_wrapped_module.")
 _DENSE = "dense_optim.pt"
 
@@ -118,26 +103,13 @@ def _sparse(fused_sd: dict[str, Any]) -> dict[str, Any]:
     return {normalise_key(k): v for k, v in fused_sd["state"].items()}
 
 
-def _steps(root: Path) -> list[int]:
-    return sorted(
-        int(m.group(1)) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir()
-    )
-
-
-def _publish(tmp: Path, final: Path, root: Path) -> None:
-    """Commit ``tmp`` as ``final`` and point ``latest`` at it (rank 0)."""
-    tmp.rename(final)
-    write_bytes(root / "latest", f"{final.name}\n".encode())
-
-
 def write_shards(
     directory: str | Path, model: nn.Module, dense_optimizer: torch.optim.Optimizer | None
 ) -> None:
     """Write this rank's DCP shards (+ ``dense_optim.pt`` on rank 0) into ``directory``; collective.
 
-    The building block of :func:`save_checkpoint`, also usable when something else commits the
-    directory (e.g. Ray Train's ``report``: ranks may even write to different local dirs, the
-    file names never collide).
+    Something else commits the directory (Ray Train's ``report``: ranks may even write to
+    different local dirs, the file names never collide).
 
     Args:
         directory: where to write (created).
@@ -149,86 +121,6 @@ def write_shards(
     dcp.save(payload, checkpoint_id=directory, no_dist=not _distributed())
     if dense_optimizer is not None and (not _distributed() or dist.get_rank() == 0):
         torch.save(dense_optimizer.state_dict(), Path(directory) / _DENSE)
-
-
-def save_checkpoint(
-    root: str | Path,
-    step: int,
-    model: nn.Module,
-    dense_optimizer: torch.optim.Optimizer | None,
-    extra: dict,
-    *,
-    rank: int,
-    keep: int = 3,
-) -> Path:
-    """Write checkpoint ``root/step-<step>`` collectively; every rank must call it.
-
-    Args:
-        root: local checkpoint directory of the run.
-        step: global step; names the directory.
-        model: the ``DistributedModelParallel`` (or a plain module in a single process).
-        dense_optimizer: optimiser over ``sharding.dense_params(model)`` (replicated); or None.
-        extra: JSON-able run state to restore (epoch, data position, metrics...).
-        rank: this process's rank (rank 0 commits).
-        keep: committed checkpoints to keep (older ``step-*`` dirs are deleted after commit).
-
-    Returns:
-        Path of the committed checkpoint directory.
-
-    Raises:
-        FileExistsError: ``step-<step>`` already exists.
-        RuntimeError: on ranks other than 0 when rank 0 failed to commit.
-    """
-    root = Path(root)
-    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
-    if final.exists():  # checked on every rank (shared dir), so no rank waits for a failed one
-        raise FileExistsError(f"{final}: checkpoint already exists")
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step-*.tmp"):  # left by a crashed save
-            shutil.rmtree(stale)
-    if _distributed():
-        dist.barrier()
-    write_shards(tmp, model, dense_optimizer)
-    error = None
-    if rank == 0:
-        try:
-            world = dist.get_world_size() if _distributed() else 1
-            plan = (
-                plan_to_dict(model.plan, module_tables(model), world_size=world)
-                if hasattr(model, "plan")
-                else None
-            )
-            write_json(
-                tmp / "meta.json", {"step": step, "extra": extra, "world_size": world, "plan": plan}
-            )
-            _publish(tmp, final, root)
-            for old in _steps(root)[:-keep] if keep > 0 else []:
-                shutil.rmtree(root / f"step-{old}")
-        except Exception as e:  # tell the other ranks, then re-raise here
-            error = e
-    if _distributed():
-        flag = [repr(error) if error else None]
-        dist.broadcast_object_list(flag, src=0)
-        if flag[0] is not None and rank != 0:
-            raise RuntimeError(f"checkpoint {final} not committed: rank 0 failed with {flag[0]}")
-    if error is not None:
-        raise error
-    return final
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The committed checkpoint ``root/latest`` points at, or None when there is none."""
-    pointer = Path(root) / "latest"
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
-
-
-def read_meta(path: str | Path) -> dict:
-    """``meta.json`` of a committed checkpoint (step, extra, world_size, plan)."""
-    return json.loads((Path(path) / "meta.json").read_text())
 
 
 def read_shards(
@@ -276,26 +168,3 @@ def read_shards(
         model.fused_optimizer.load_state_dict(fused_sd)
     if dense_optimizer is not None:
         dense_optimizer.load_state_dict(torch.load(path / _DENSE, weights_only=True))
-
-
-def load_checkpoint(
-    path: str | Path,
-    model: nn.Module,
-    dense_optimizer: torch.optim.Optimizer | None = None,
-) -> dict:
-    """Load a committed checkpoint (see :func:`read_shards` for what is restored and when).
-
-    Args:
-        path: a committed checkpoint dir (``latest_checkpoint(root)``).
-        model: module to fill in place (DMP at any world size, or a plain module).
-        dense_optimizer: optimiser over ``sharding.dense_params(model)``; None skips it.
-
-    Returns:
-        The ``extra`` dict given to :func:`save_checkpoint`.
-
-    Raises:
-        FileNotFoundError: ``path`` is not a committed checkpoint.
-    """
-    extra = read_meta(path)["extra"]
-    read_shards(path, model, dense_optimizer)
-    return extra

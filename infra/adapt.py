@@ -17,7 +17,6 @@ Pipeline (the design is in README "Adapters"):
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -30,56 +29,31 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdlora.adapters.bundle import BackboneRef, BundleManifest, load_bundle, write_bundle
-from mdlora.adapters.registry import Registry
+from mdlora.config import from_dict, to_dict
 from mdlora.embeddings.batch import BatchConverter
-from mdlora.embeddings.checkpoint import read_shards
 from mdlora.embeddings.schema import Schema
 from mdlora.embeddings.tables import build_ebc
 from mdlora.infra import ray_backend
+from mdlora.infra.artifacts import (
+    ADAPTERS,
+    BackboneInfo,
+    BundleManifest,
+    Registry,
+    open_backbone,
+    open_bundles,
+    write_bundle,
+)
 from mdlora.infra.logs import LogDataset
-from mdlora.infra.pretrain import cache_dir, check_cpus, check_outputs, load_schema, resolve_paths
+from mdlora.infra.runs import cache_dir, check_cpus, check_outputs, load_schema, resolve_paths
 from mdlora.infra.storage import open_fs
-from mdlora.artifact import read_manifest
-from mdlora.config import from_dict, to_dict
 from mdlora.trainer.adapt import DomainResult, Features, Head, materialise, train_mlora, train_multilora
 from mdlora.trainer.backbone import build_backbone
-from mdlora.trainer.config import AdaptConfig, RunConfig
-from mdlora.trainer.recipes import setup_pretrain
+from mdlora.trainer.config import AdaptConfig, RunConfig, local_batch
+from mdlora.trainer.recipes import build_frozen
 
 log = logging.getLogger("mdlora.adapt")
-HEAD = "head.safetensors"
-SHARED = "shared."
+HEAD = "head.safetensors"  # the feature cache's frozen head (a run file, not published)
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")  # buffers, not parameters
-
-
-@dataclass
-class BackboneInfo:
-    """A published backbone as adapters see it."""
-
-    name: str
-    version: str
-    path: Path
-    """Local directory of the version (fetched when the registry is on S3)."""
-    content_hash: str
-    schema: Schema
-    run: RunConfig
-    """The config it was pretrained with (model architecture)."""
-
-    def ref(self) -> BackboneRef:
-        """The bundle manifest's backbone reference."""
-        return BackboneRef(name=self.name, version=self.version, content_hash=self.content_hash)
-
-
-def open_backbone(root: str, model: str, ref: str, cache: str | Path) -> BackboneInfo:
-    """Resolve ``backbones/<model>/<ref>`` in the registry at ``root`` to a local, checked copy."""
-    registry = Registry(*open_fs(root))
-    version = Path(registry.resolve("backbones", model, ref)).name  # once: an alias may move meanwhile
-    path = registry.fetch("backbones", model, version, cache)
-    manifest = read_manifest(str(path))
-    schema = Schema.load(path / "schema.yaml")
-    run = from_dict(RunConfig, json.loads((path / "config.json").read_text()))
-    return BackboneInfo(model, version, Path(path), manifest["content_hash"], schema, run)
 
 
 def _schema(cfg: AdaptConfig, backbone: BackboneInfo) -> Schema:
@@ -110,16 +84,12 @@ class Source:
 def materialise_worker(config: dict) -> None:
     """One Ray Train worker: sharded frozen backbone -> this rank's features of every source's splits."""
     cfg = from_dict(AdaptConfig, config["adapt"])
-    run = from_dict(RunConfig, config["run"])
-    run.optim.sparse_optimizer, run.dist, run.data.batch_size = "sgd", cfg.dist, cfg.data.batch_size
     env = ray_backend.worker_env(cfg.dist.device)
     torch.set_num_threads(cfg.dist.cpus_per_worker)
     schema = Schema.from_dict(config["schema"])
-    setup = setup_pretrain(run, env, schema, total_steps=1)
-    task = getattr(setup.model, "module", setup.model)  # unwrapped: weights only, no optimiser state
-    read_shards(config["backbone"], task)
-    backbone = task.backbone.eval()
-    conv, local = BatchConverter(schema), max(1, cfg.data.batch_size // env.world_size)
+    backbone = build_frozen(from_dict(RunConfig, config["run"]), cfg.dist, env, schema, config["backbone"],
+                            cfg.data.batch_size)
+    conv, local = BatchConverter(schema), local_batch(cfg.data.batch_size, env.world_size)
 
     def save(directory: Path) -> None:
         for i, source in enumerate(config["sources"]):
@@ -230,7 +200,6 @@ def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head
     out = {}
     with tempfile.TemporaryDirectory(prefix="mdlora-bundles-") as tmp:
         for r in results:
-            tensors = {**r.state, **{SHARED + k: v for k, v in shared.items()}}
             count = sum(t.numel() for k, t in r.state.items() if not k.endswith(_BN_STATS))
             metrics = _clean(r.metrics) | {"train": {"samples": float(r.train_samples),
                                                      "best_epoch": float(r.best_epoch),
@@ -241,29 +210,23 @@ def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head
                 domain=r.domain, method=cfg.lora.method, lora=lora, backbone=backbone.ref(),
                 schema_hash=schema.content_hash(), param_count=count, param_share=count / dense,
                 metrics=metrics, data_window=windows[r.domain], run=run)
-            write_bundle(Path(tmp) / r.domain, tensors, manifest)
-            version = registry.publish("adapters", r.domain, Path(tmp) / r.domain)
-            promoted = promote_new and "production" not in registry.aliases("adapters", r.domain)
+            write_bundle(Path(tmp) / r.domain, r.state, manifest, shared=shared)
+            version = registry.publish(ADAPTERS, r.domain, Path(tmp) / r.domain)
+            promoted = promote_new and "production" not in registry.aliases(ADAPTERS, r.domain)
             if promoted:
-                registry.promote("adapters", r.domain, version)
+                registry.promote(ADAPTERS, r.domain, version)
             out[r.domain] = {"version": version, "promoted": promoted, "param_count": count,
                              "param_share": count / dense, "metrics": metrics}
             log.info("adapter %s %s%s: %s", r.domain, version, " (production)" if promoted else "", metrics)
     return out
 
 
-def production_shared(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema) -> dict | None:
+def production_shared(cfg: AdaptConfig, backbone: BackboneInfo) -> dict | None:
     """MultiLoRA aux state of a deployed production bundle (add-domain keeps it frozen), or None."""
-    registry = Registry(*open_fs(cfg.output.root))
-    for name in registry.names("adapters"):
-        if "production" in registry.aliases("adapters", name):
-            if registry.manifest("adapters", name, "production")["backbone"]["content_hash"] != backbone.content_hash:
-                continue  # serves on another backbone version (kept by a retrain's gate)
-            path = registry.fetch("adapters", name, "production", _cache_dir(cfg))
-            tensors, manifest = load_bundle(path, expect_backbone_hash=backbone.content_hash,
-                                            expect_schema_hash=schema.content_hash())
-            if manifest.method == "multilora":
-                return {k[len(SHARED):]: v for k, v in tensors.items() if k.startswith(SHARED)}
+    for bundle in open_bundles(cfg.output.root, backbone.name, None, _cache_dir(cfg)).values():
+        # a bundle kept on another backbone version by a retrain's gate shares nothing with this one
+        if bundle.manifest.backbone.content_hash == backbone.content_hash and bundle.manifest.method == "multilora":
+            return bundle.shared
     return None
 
 
@@ -395,6 +358,6 @@ def add_domain(cfg: AdaptConfig, domain: str, data: str | dict[str, str], *, pro
         if not fs.exists(path):
             raise FileNotFoundError(f"{uri}: no such dataset")
     if shared is None and cfg.lora.method == "multilora":
-        shared = production_shared(cfg, backbone, schema)
+        shared = production_shared(cfg, backbone)
     return _run(cfg, backbone, schema, [Source(splits, [domain])], shared, promote_new, run)
 

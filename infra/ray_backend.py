@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mdlora import faults
 from mdlora.trainer.env import DistEnv
 
 log = logging.getLogger("mdlora.ray")
@@ -90,7 +91,7 @@ def run_workers(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
-        functools.partial(_entry, fn),
+        functools.partial(_entry, fn, faults.armed()),
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=world_size, use_gpu=device == "cuda",
@@ -113,12 +114,14 @@ def run_workers(
     return RunResult(checkpoint=local, metrics=dict(result.metrics or {}), workdir=workdir)
 
 
-def _entry(fn: Callable[[dict], None], config: dict) -> None:
-    """Every worker: quiet library loggers, mdlora progress on rank 0 only, then ``fn``."""
+def _entry(fn: Callable[[dict], None], armed: dict[str, str], config: dict) -> None:
+    """Every worker: the driver's armed test faults, quiet library loggers, mdlora progress on
+    rank 0 only, then ``fn``."""
     import ray.train
 
     from mdlora.infra.log import setup_logging
 
+    faults.arm(armed)
     setup_logging(ray.train.get_context().get_world_rank())
     fn(config)
 

@@ -51,19 +51,25 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from mdlora.adapters.bundle import WEIGHTS, BundleManifest
-from mdlora.adapters.registry import Registry
-from mdlora.embeddings.batch import LogValidationError
-from mdlora.infra.adapt import SHARED, NoTrainingRows, adapt, open_backbone
-from mdlora.infra.logs import LogDataset
-from mdlora.infra.pretrain import cache_dir, find_published, pretrain, resolve_paths
-from mdlora.infra.retrain_lock import RetrainLock, now
-from mdlora.infra.score import Scorer
-from mdlora.infra.storage import is_s3, open_fs
 from mdlora.atomic import write_bytes
 from mdlora.config import to_dict
+from mdlora.embeddings.batch import LogValidationError
+from mdlora.infra.adapt import NoTrainingRows, adapt
+from mdlora.infra.artifacts import (
+    ADAPTERS,
+    BACKBONES,
+    BundleManifest,
+    Registry,
+    find_backbone,
+    open_backbone,
+    open_bundles,
+)
+from mdlora.infra.logs import LogDataset
+from mdlora.infra.pretrain import pretrain
+from mdlora.infra.retrain_lock import RetrainLock, now
+from mdlora.infra.runs import cache_dir, resolve_paths
+from mdlora.infra.score import Scorer
+from mdlora.infra.storage import is_s3, open_fs
 from mdlora.trainer.config import AdaptOutputConfig, RetrainConfig
 
 log = logging.getLogger("mdlora.retrain")
@@ -152,15 +158,17 @@ def _run(cfg: RetrainConfig, window: str, record: Record, lock: RetrainLock) -> 
     state = record.read("state.json") or {"run": record.name, "window": window, "started_at": now()}
     champion = open_backbone(root, model, state.get("champion", {}).get("version", "production"), cache)
     state["champion"] = {"version": champion.version, "content_hash": champion.content_hash}
+    # every bundle the gate will score as champion, checked (files, pins) before anything trains
+    production = {d: b.manifest for d, b in open_bundles(root, model, None, cache).items()}
     tag = f"retrain-{model}-{record.name}"  # the Ray Train run, and ``run`` in what it publishes
     if "backbone" not in state:
         run = copy.deepcopy(p)
         run.data.window, run.model = window, replace(champion.run.model, init_from=champion.version)
-        out = find_published(run, tag) or pretrain(run, run_name=tag)
+        out = find_backbone(root, model, tag) or pretrain(run, run_name=tag)
         state["backbone"] = {k: out[k] for k in ("version", "content_hash", "step", "metrics")}
         record.write("state.json", state)
     if "adapters" not in state:
-        state.update(rebase(cfg, state["backbone"]["version"], window, tag, cache))
+        state.update(rebase(cfg, state["backbone"]["version"], window, tag, cache, production))
         record.write("state.json", state)
     if "domains" not in state:
         state["domains"] = evaluate(cfg, state, record, cache)
@@ -169,12 +177,12 @@ def _run(cfg: RetrainConfig, window: str, record: Record, lock: RetrainLock) -> 
     registry = Registry(*open_fs(root))
     promoted = sorted(d for d, r in state["domains"].items() if r["decision"] == "promote")
     for d in promoted:
-        registry.promote("adapters", d, state["domains"][d]["challenger"]["adapter"])
+        registry.promote(ADAPTERS, d, state["domains"][d]["challenger"]["adapter"])
     if promoted:
-        registry.promote("backbones", model, state["backbone"]["version"])
+        registry.promote(BACKBONES, model, state["backbone"]["version"])
     report = {**state, "model": model, "run_key": record.name, "gate": to_dict(cfg.gate),
               "promoted": promoted, "backbone_promoted": bool(promoted),
-              "production_backbone": registry.aliases("backbones", model)["production"],
+              "production_backbone": registry.aliases(BACKBONES, model)["production"],
               "finished_at": now(), "seconds": round(time.time() - t0, 1), "record": record.uri(""),
               "rerun": False}
     record.write("report.md", markdown(report))
@@ -184,22 +192,12 @@ def _run(cfg: RetrainConfig, window: str, record: Record, lock: RetrainLock) -> 
     return report
 
 
-def added_domains(registry: Registry, model: str, vocabulary: list[str]) -> dict[str, BundleManifest]:
-    """Domains added by ``add-domain``: a production bundle on a ``model`` backbone, outside
-    ``vocabulary`` (the backbone schema's domains); their production manifests."""
-    out = {}
-    for d in registry.names("adapters"):
-        if d in vocabulary or "production" not in registry.aliases("adapters", d):
-            continue
-        manifest = BundleManifest.from_dict(registry.manifest("adapters", d, "production"), source=f"adapters/{d}")
-        if manifest.backbone.name == model:
-            out[d] = manifest
-    return out
-
-
-def rebase(cfg: RetrainConfig, version: str, window: str, tag: str, cache: Path) -> dict:
+def rebase(cfg: RetrainConfig, version: str, window: str, tag: str, cache: Path,
+           production: dict[str, BundleManifest]) -> dict:
     """Stage 2: an adapter of every domain on backbone ``version``, published unpromoted with
-    ``run = tag``; bundles an earlier attempt of the run published are reused.
+    ``run = tag``; bundles an earlier attempt of the run published are reused. Domains added by
+    ``add-domain`` are the ``production`` bundles (checked, on a ``model`` backbone) outside the
+    backbone schema's vocabulary.
 
     Returns:
         ``{"adapters": {domain: version}, "skipped_no_rows": [domain], "not_rebased": {domain:
@@ -215,8 +213,8 @@ def rebase(cfg: RetrainConfig, version: str, window: str, tag: str, cache: Path)
     schema = open_backbone(root, model, version, cache).schema
     vocabulary = schema.domain.values
     natural = [d for d in vocabulary if not wanted or d in wanted]
-    added = {d: m for d, m in added_domains(registry, model, vocabulary).items() if not wanted or d in wanted}
-    done = {d: v for d in natural + list(added) if (v := registry.find("adapters", d, "run", tag))}
+    added = {d: m for d, m in production.items() if d not in vocabulary and (not wanted or d in wanted)}
+    done = {d: v for d in natural + list(added) if (v := registry.find(ADAPTERS, d, "run", tag))}
     out = {"adapters": dict(done), "skipped_no_rows": [], "not_rebased": {},
            "holdouts": {d: m.data_window.get("test", "") for d, m in added.items()}}
     if done:
@@ -225,8 +223,7 @@ def rebase(cfg: RetrainConfig, version: str, window: str, tag: str, cache: Path)
     shared = None  # MultiLoRA: the rest train against the aux LoRA state this run's bundles share
     if acfg.lora.method == "multilora" and done:
         d, v = min(done.items())
-        tensors = load_file(str(registry.fetch("adapters", d, v, cache) / WEIGHTS))
-        shared = {k[len(SHARED):]: t for k, t in tensors.items() if k.startswith(SHARED)}
+        shared = open_bundles(root, model, {d: v}, cache)[d].shared
     todo = [d for d in natural if d not in done]
     extra = {}  # the added domains to rebase: their logs exist and can be windowed
     for d, m in sorted(added.items()):

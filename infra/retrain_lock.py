@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from mdlora.adapters.document import precondition_failed
+from mdlora.infra.artifacts.document import precondition_failed
 from mdlora.infra.storage import is_s3, open_fs
 from mdlora.names import check_name
 

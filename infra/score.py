@@ -30,17 +30,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
-from mdlora.adapters.bundle import BundleError, BundleManifest, load_bundle
 from mdlora.adapters.config import LoraConfig
 from mdlora.adapters.inject import AdaptedModel, inject
-from mdlora.adapters.registry import Registry
-from mdlora.embeddings.batch import BatchConverter
-from mdlora.embeddings.schema import Schema
-from mdlora.infra.adapt import SHARED, BackboneInfo, open_backbone
-from mdlora.infra.storage import is_s3, open_fs
-from mdlora.artifact import read_manifest
 from mdlora.atomic import write_bytes
 from mdlora.config import from_dict
+from mdlora.embeddings.batch import BatchConverter
+from mdlora.embeddings.schema import Schema
+from mdlora.infra.artifacts import BackboneInfo, Bundle, BundleError, open_backbone, open_bundles
+from mdlora.infra.storage import is_s3, open_fs
 from mdlora.trainer.metrics import DomainMetrics, format_table
 from mdlora.trainer.recipes import load_unsharded
 
@@ -91,13 +88,13 @@ class Served:
         return logits
 
 
-def _serve(info: BackboneInfo, loaded: dict[str, tuple[dict, BundleManifest]]) -> Served:
+def _serve(info: BackboneInfo, loaded: dict[str, Bundle]) -> Served:
     """Load ``info``'s backbone and inject ``loaded``'s adapters (one LoRA config per backbone)."""
     schema = info.schema.with_domains(sorted(loaded))
     served = Served(info, schema, load_unsharded(info.path, schema, info.run.model).backbone, None)
     if not loaded:
         return served
-    configs = {d: m.lora for d, (_, m) in loaded.items()}
+    configs = {d: b.manifest.lora for d, b in loaded.items()}
     first = next(iter(configs.values()))
     if any(c != first for c in configs.values()):
         raise ValueError(f"bundles: LoRA configs differ across domains on backbone {info.version} {configs}; "
@@ -109,13 +106,12 @@ def _serve(info: BackboneInfo, loaded: dict[str, tuple[dict, BundleManifest]]) -
         aux_values = schema.aux[served.aux_col].values
     served.adapted = inject(served.backbone, lora, list(loaded), aux_values, root="tower")
     shared = None
-    for d, (tensors, m) in loaded.items():
-        own = {k[len(SHARED):]: v for k, v in tensors.items() if k.startswith(SHARED)}
-        if shared is not None and any(not torch.equal(shared[k], own[k]) for k in shared):
-            raise BundleError(f"adapters/{d} {m.version}: its shared aux LoRA differs from the other "
+    for d, b in loaded.items():
+        if shared is not None and any(not torch.equal(shared[k], b.shared[k]) for k in shared):
+            raise BundleError(f"adapters/{d} {b.manifest.version}: its shared aux LoRA differs from the other "
                               "domains' bundles (trained in another adapt run); score them separately")
-        shared = own
-        served.adapted.load_state_for(d, {k: v for k, v in tensors.items() if not k.startswith(SHARED)})
+        shared = b.shared
+        served.adapted.load_state_for(d, b.tensors)
     if lora.method == "multilora":
         served.adapted.load_shared_state(shared)
     return served
@@ -147,28 +143,15 @@ class Scorer:
                  bundles: dict[str, str] | None = None, cache_dir: str | Path | None = None) -> None:
         self._tmp = None if cache_dir else tempfile.TemporaryDirectory(prefix="mdlora-score-")  # removed with self
         cache = Path(cache_dir or self._tmp.name)
-        registry = Registry(*open_fs(root))
         self.info = open_backbone(root, model, backbone_ref, cache)
-        explicit = bundles is not None
-        if bundles is None:
-            bundles = {d: "production" for d in registry.names("adapters")
-                       if "production" in registry.aliases("adapters", d)}
-        paths = {d: registry.fetch("adapters", d, ref, cache) for d, ref in sorted(bundles.items())}
-        pins = {d: BundleManifest.from_dict(read_manifest(str(p)), source=str(p)).backbone for d, p in paths.items()}
-        if not explicit:  # production bundles of other backbone names serve other models
-            paths = {d: p for d, p in paths.items() if pins[d].name == model}
         infos = {self.info.version: self.info}
-        groups: dict[str, dict] = {self.info.version: {}}
-        for d, path in paths.items():
-            if pins[d].name != model:
-                raise BundleError(f"{path}: adapter was trained on backbone {pins[d].name} {pins[d].version}, "
-                                  f"not on a {model!r} backbone")
-            v = pins[d].version
+        groups: dict[str, dict[str, Bundle]] = {self.info.version: {}}
+        for d, bundle in open_bundles(root, model, bundles, cache).items():  # checked against their pins
+            v = bundle.manifest.backbone.version
             if v not in infos:
                 infos[v] = open_backbone(root, model, v, cache)
-            groups.setdefault(v, {})[d] = load_bundle(
-                path, expect_backbone_hash=infos[v].content_hash, expect_schema_hash=infos[v].schema.content_hash())
-        self.versions = {d: m.version for g in groups.values() for d, (_, m) in g.items()}
+            groups.setdefault(v, {})[d] = bundle
+        self.versions = {d: b.manifest.version for g in groups.values() for d, b in g.items()}
         self.backbone_of = {d: v for v, g in groups.items() for d in g}
         self.served = {v: _serve(infos[v], g) for v, g in sorted(groups.items())}
         self.slot = {d: i for i, d in enumerate(sorted(self.versions))}

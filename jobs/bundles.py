@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mdlora.adapters.registry import KINDS, Registry, RegistryError
+from mdlora.infra.artifacts.registry import KINDS, Registry, RegistryError
 from mdlora.infra.storage import open_fs
 
 

@@ -13,6 +13,7 @@ from mdlora.embeddings import sharding
 from mdlora.embeddings.schema import Schema
 from mdlora.embeddings.tables import build_ebc
 from mdlora.trainer.config import load_run_config
+from mdlora.trainer.recipes import plan_tables
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,15 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--world-size: must be >= 1, got {world}")
     ebc = build_ebc(schema)  # meta: nothing is allocated
     sharding.apply_sparse_optimizer(ebc, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, device)
-    plan = sharding.plan_for(
-        ebc,
-        world,
-        device,
-        hbm_gb=cfg.dist.hbm_gb if args.hbm_gb is None else args.hbm_gb,
-        sharding_types=cfg.dist.sharding_types,
-        table_sharding=cfg.dist.table_sharding,
-        batch_size=max(1, cfg.data.batch_size // world),
-    )
+    plan = plan_tables(ebc, cfg.dist, cfg.data.batch_size, world_size=world, device=device, hbm_gb=args.hbm_gb)
     d = sharding.plan_to_dict(plan, schema.tables, cfg.optim.sparse_optimizer, world_size=world)
     print(json.dumps(d, indent=2) if args.json else sharding.format_plan(d))
     return 0

@@ -19,7 +19,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the backbone and bundles, score, print rows, fallback rows and per-domain AUC."""
     from mdlora.infra.log import setup_logging
-    from mdlora.infra.pretrain import resolve_paths
+    from mdlora.infra.runs import resolve_paths
     from mdlora.infra.score import Scorer, parse_bundles
     from mdlora.trainer.config import load_adapt_config
 

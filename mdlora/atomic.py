@@ -9,7 +9,7 @@ S3 has no rename: ``infra/storage.py`` uploads data files first and the manifest
 
 Crash tests: ``MDLORA_FAULT_WRITE="SUBSTRING[:NTH[:MARKER]]"`` SIGKILLs the process at the NTH
 (default first) commit whose destination path contains SUBSTRING, after the data is staged and
-before the rename that publishes it (see :func:`_fault_point`). Unset, it costs one env lookup.
+before the rename that publishes it (:func:`mdlora.faults.before_write`). Unset, it costs one env lookup.
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from mdlora import faults
 
 
 def _fsync_dir(path: Path) -> None:
@@ -42,29 +43,6 @@ def _umask() -> int:
 
 
 _UMASK = _umask()  # read once at import: os.umask is process-wide and racy under threads
-_FAULT_HITS = [0]
-
-
-def _fault_point(dest: Path) -> None:
-    """Reliability-test hook: SIGKILL this process just before ``dest`` is committed.
-
-    Armed by ``MDLORA_FAULT_WRITE="SUBSTRING[:NTH[:MARKER]]"``: the NTH commit (counted in this
-    process) whose destination contains SUBSTRING kills the process with no clean-up at all, as
-    a power cut or OOM kill would. With MARKER, the file is created first and the hook stays
-    quiet while it exists, so a restarted process (a Ray Train worker) does not die again.
-    """
-    spec = os.environ.get("MDLORA_FAULT_WRITE")
-    if not spec:
-        return
-    parts = spec.split(":", 2)
-    marker = parts[2] if len(parts) > 2 else ""
-    if parts[0] not in str(dest) or (marker and os.path.exists(marker)):
-        return
-    _FAULT_HITS[0] += 1
-    if _FAULT_HITS[0] == int(parts[1] if len(parts) > 1 and parts[1] else 1):
-        if marker:
-            Path(marker).write_text(str(dest))
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _naming(e: OSError, path: Path) -> OSError:
@@ -90,7 +68,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _fault_point(path)
+        faults.before_write(path)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
@@ -140,7 +118,7 @@ def staging_dir(dest: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-        _fault_point(dest)
+        faults.before_write(dest)
         if dest.exists() and overwrite:
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.rename(dest, old)

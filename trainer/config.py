@@ -167,6 +167,11 @@ class DistConfig:
                 raise ValueError(f"sharding_types: unknown sharding type {t!r} (known: {sorted(known)})")
 
 
+def local_batch(batch_size: int, world_size: int) -> int:
+    """Rows per rank and step: the global ``data.batch_size`` over ``world_size`` ranks (>= 1)."""
+    return max(1, batch_size // world_size)
+
+
 @dataclass(kw_only=True)
 class OutputConfig:
     """Where runs, checkpoints and published artefacts go."""

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mdlora import faults
 from mdlora.embeddings.batch import Batch
 from mdlora.trainer.config import LoopConfig
 from mdlora.trainer.env import DistEnv
@@ -154,6 +155,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, d
     while not stop and state.epoch < cfg.epochs:
         # resume mid-epoch: the epoch's batch order is a pure function of (seed, epoch)
         for batch in islice(hooks.train_batches(state.epoch), state.step_in_epoch, None):
+            faults.before_step(env.rank, state.step + 1)  # reliability tests only (unarmed: a no-op)
             loss = train_step(model, optimizer, batch.to(env.device), dense_params, clip_norm)
             scheduler.step()
             state.step, state.step_in_epoch = state.step + 1, state.step_in_epoch + 1

@@ -19,8 +19,8 @@ from mdlora.embeddings import sharding
 from mdlora.embeddings.schema import Schema
 from mdlora.embeddings.tables import build_ebc
 from mdlora.atomic import write_json
-from mdlora.trainer.backbone import build_backbone
-from mdlora.trainer.config import RunConfig
+from mdlora.trainer.backbone import Backbone, build_backbone
+from mdlora.trainer.config import DistConfig, ModelConfig, RunConfig, local_batch
 from mdlora.trainer.env import DistEnv
 from mdlora.trainer.loop import TrainState, lr_factor
 from mdlora.trainer.task import CTRTask
@@ -75,18 +75,9 @@ def setup_pretrain(cfg: RunConfig, env: DistEnv, schema: Schema, total_steps: in
         The :class:`Setup` for :func:`mdlora.trainer.loop.train`.
     """
     torch.manual_seed(cfg.loop.seed)  # same dense init on every rank (DDP also broadcasts)
-    ebc = build_ebc(schema, device="meta")
-    task = CTRTask(build_backbone(schema, cfg.model, ebc))
     o = cfg.optim
-    sharding.apply_sparse_optimizer(task, o.sparse_optimizer, o.sparse_lr, env.device.type)
-    plan = sharding.plan_for(
-        task, env.world_size, env.device.type,
-        hbm_gb=cfg.dist.hbm_gb, sharding_types=cfg.dist.sharding_types,
-        table_sharding=cfg.dist.table_sharding, batch_size=max(1, cfg.data.batch_size // env.world_size),
-        pg=torch.distributed.group.WORLD if env.distributed else None,
-    )
-    model = sharding.shard_model(task, plan=plan, device=env.device,
-                                 sparse_optimizer=o.sparse_optimizer, sparse_lr=o.sparse_lr)
+    task, plan, model = _sharded(schema, cfg.model, cfg.dist, env, cfg.data.batch_size,
+                                 o.sparse_optimizer, o.sparse_lr)
     if init:
         ckpt.read_shards(Path(init), model)
     params = list(sharding.dense_params(model))
@@ -95,6 +86,69 @@ def setup_pretrain(cfg: RunConfig, env: DistEnv, schema: Schema, total_steps: in
         optimizer, lambda s: lr_factor(s, warmup=o.warmup_steps, total=total_steps, schedule=o.schedule)
     )
     return Setup(model, optimizer, scheduler, params, sharding.plan_to_dict(plan, schema.tables, o.sparse_optimizer))
+
+
+def plan_tables(module: torch.nn.Module, dist: DistConfig, batch_size: int, *, world_size: int | None = None,
+                device: str | None = None, hbm_gb: float | None = None,
+                pg: torch.distributed.ProcessGroup | None = None) -> sharding.ShardingPlan:
+    """The sharding plan of ``module``'s tables under ``dist``: the one translation of a
+    :class:`DistConfig` into planner arguments (pretrain, adapt, ``mdlora plan``, preflight).
+
+    Args:
+        module: unsharded model or EBC, usually on meta, sparse optimiser attached.
+        dist: the run's ``dist`` section.
+        batch_size: the global ``data.batch_size`` (the planner costs a rank's share).
+        world_size, device, hbm_gb: overrides of ``dist`` (planning for another topology).
+        pg: the process group of a running job (rank 0 plans, every rank gets its plan); None
+            simulates.
+
+    Returns:
+        The ``ShardingPlan``.
+    """
+    world = world_size or dist.world_size
+    return sharding.plan_for(
+        module, world, device or dist.device, hbm_gb=dist.hbm_gb if hbm_gb is None else hbm_gb,
+        sharding_types=dist.sharding_types, table_sharding=dist.table_sharding,
+        batch_size=local_batch(batch_size, world), pg=pg)
+
+
+def _sharded(schema: Schema, model_cfg: ModelConfig, dist: DistConfig, env: DistEnv, batch_size: int,
+             sparse_optimizer: str, sparse_lr: float) -> tuple[CTRTask, sharding.ShardingPlan, torch.nn.Module]:
+    """CTRTask built on meta and sharded over ``env``'s process group: (unsharded task, plan, DMP)."""
+    task = CTRTask(build_backbone(schema, model_cfg, build_ebc(schema, device="meta")))
+    sharding.apply_sparse_optimizer(task, sparse_optimizer, sparse_lr, env.device.type)
+    plan = plan_tables(task, dist, batch_size, world_size=env.world_size, device=env.device.type,
+                       pg=torch.distributed.group.WORLD if env.distributed else None)
+    model = sharding.shard_model(task, plan=plan, device=env.device, sparse_optimizer=sparse_optimizer,
+                                 sparse_lr=sparse_lr)
+    return task, plan, model
+
+
+def build_frozen(backbone: RunConfig, dist: DistConfig, env: DistEnv, schema: Schema, checkpoint: str | Path,
+                 batch_size: int) -> Backbone:
+    """A published backbone, sharded over the process group like pretraining and frozen.
+
+    The tables are planned under ``dist`` (any world size: DCP reshards ``checkpoint``), the
+    fused kernel gets plain SGD (no optimiser state) and is never stepped, no dense optimiser is
+    made, and every parameter is frozen.
+
+    Args:
+        backbone: the config the backbone was pretrained with (its architecture).
+        dist: this job's ``dist`` section.
+        env: this rank's place in the job.
+        schema: the backbone's schema.
+        checkpoint: the backbone version's directory.
+        batch_size: the job's global batch size (for the planner's cost model).
+
+    Returns:
+        The backbone (eval mode) whose tables are this rank's shards; it lives as long as the
+        returned module is referenced.
+    """
+    _, _, model = _sharded(schema, backbone.model, dist, env, batch_size, "sgd", backbone.optim.sparse_lr)
+    ckpt.read_shards(Path(checkpoint), model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.module.backbone.eval()  # DMP(CTRTask): the sharded tables stay referenced
 
 
 def load_unsharded(directory: str | Path, schema: Schema, model_cfg) -> CTRTask:

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from mdlora.embeddings import sharding
 from mdlora.embeddings.schema import Schema
-from mdlora.embeddings.snapshot import gather_state, state_hash
+from tests.embeddings.snapshot import gather_state, state_hash
 from tests.embeddings.dist_utils import TINY_SCHEMA, TinyModel, run_gloo, tiny_batch
 
 

@@ -61,7 +61,8 @@ def test_pretrain_two_workers_survives_a_killed_worker(ray_local, logs, tmp_path
 
     from mdlora.embeddings.batch import BatchConverter
     from mdlora.infra.logs import LogDataset
-    from mdlora.infra.pretrain import load_schema, pretrain
+    from mdlora.infra.pretrain import pretrain
+    from mdlora.infra.runs import load_schema
     from mdlora.trainer.env import DistEnv
     from mdlora.trainer.loop import evaluate
     from mdlora.trainer.recipes import load_unsharded

@@ -25,14 +25,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from mdlora.adapters.bundle import BundleError, load_bundle
-from mdlora.adapters.registry import Registry
+from mdlora.infra.artifacts.bundle import BundleError, load_bundle
+from mdlora.infra.artifacts.registry import Registry
 from mdlora.infra.pretrain import pretrain
 from mdlora.infra.score import Scorer
 from mdlora.infra.storage import open_fs
 from mdlora.infra.synth import generate
 from mdlora.jobs.cli import main
-from mdlora.artifact import read_manifest
+from mdlora.infra.artifacts.sealed import read_manifest
 from mdlora.atomic import sha256_file, sha256_tree
 from mdlora.trainer.config import load_adapt_config, load_retrain_config, load_run_config
 
@@ -323,3 +323,22 @@ def test_a_missing_holdout_fails_before_anything_is_published(world):
     with pytest.raises(FileNotFoundError, match="gate.holdout"):
         retrain(cfg, W2)
     assert _tree(world["reg"]) == before
+
+
+def test_a_corrupt_champion_bundle_stops_the_retrain_before_it_trains(world, tmp_path):
+    """Every bundle the gate will score as champion is checked first: a corrupt one is named
+    before any backbone or adapter is trained or published (no Ray job starts)."""
+    reg = tmp_path / "reg"
+    shutil.copytree(world["reg"], reg)
+    registry = Registry(*open_fs(str(reg)))
+    weights = Path(registry.resolve("adapters", "d00", "production")) / "adapter.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    before = _tree(reg)
+    cfg = load_retrain_config(str(world["config"]), [f"pretrain.output.root={reg}"])
+    from mdlora.infra.retrain import retrain
+
+    with pytest.raises(ValueError, match=r"adapters/d00 v\d{4} is corrupt: .*adapter.safetensors: sha256 mismatch"):
+        retrain(cfg, "2026-01-02..2026-01-03")  # a window no run has recorded yet
+    assert _tree(reg) == before  # no backbone, no bundle, no run record

@@ -58,7 +58,8 @@ def publish_untrained_backbone(logs: Path, root: Path) -> dict:
 
     from mdlora.embeddings.checkpoint import write_shards
     from mdlora.embeddings.tables import build_ebc
-    from mdlora.infra.pretrain import load_schema, publish_backbone, resolve_paths
+    from mdlora.infra.artifacts import publish_backbone
+    from mdlora.infra.runs import load_schema, resolve_paths
     from mdlora.atomic import write_json
     from mdlora.trainer.backbone import build_backbone
     from mdlora.trainer.config import load_run_config
@@ -81,7 +82,7 @@ def write_test_bundle(dest: Path, backbone: dict, domain: str) -> None:
     """A real adapter bundle for ``domain`` on ``backbone`` (LoRA B random so that it matters)."""
     import torch
 
-    from mdlora.adapters.bundle import BackboneRef, BundleManifest, write_bundle
+    from mdlora.infra.artifacts.bundle import BackboneRef, BundleManifest, write_bundle
     from mdlora.adapters.config import LoraConfig
     from mdlora.adapters.inject import inject
     from mdlora.embeddings.schema import Schema
@@ -116,7 +117,7 @@ def tiny_logs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def world(tiny_logs, tmp_path_factory) -> dict:
     """A registry with backbone ``ctr`` v0001 (production) and adapter ``d00`` v0001 (production)."""
-    from mdlora.adapters.registry import Registry
+    from mdlora.infra.artifacts.registry import Registry
     from mdlora.infra.storage import open_fs
 
     root = tmp_path_factory.mktemp("rel-world") / "registry"

@@ -1,8 +1,9 @@
-"""A process SIGKILLed while writing a checkpoint, a backbone, a bundle or the registry index.
+"""A process SIGKILLed while writing a backbone, a bundle or the registry index.
 
 Each case runs the real writer in a child process with ``MDLORA_FAULT_WRITE`` set, which kills
 it (SIGKILL, no clean-up) after the data is staged and just before the commit (see
-``mdlora.atomic._fault_point``). Afterwards the previous version must be intact and current,
+``mdlora.faults.before_write``). Pretraining checkpoints commit through Ray Train; rank 0
+killed inside that write is ``tests/integration/test_pretrain.py``. Afterwards the previous version must be intact and current,
 nothing partial may be visible, and running the same write again must succeed.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mdlora.adapters.registry import Registry
+from mdlora.infra.artifacts.registry import Registry
 from mdlora.infra.storage import open_fs
 from tests.reliability.conftest import publish_untrained_backbone, py, write_test_bundle
 
@@ -39,42 +40,6 @@ def _intact(reg: Registry, kind: str, name: str, versions: list[str], aliases: d
     assert reg.aliases(kind, name) == aliases
     for v in versions:
         assert reg.verify(kind, name, v) == [], v
-
-
-def test_checkpoint(tmp_path):
-    """``save_checkpoint`` (the commit protocol for checkpoints outside Ray Train) killed between
-    the shards and the commit: ``latest`` stays on step 1. Pretraining commits through Ray
-    Train's ``report``; rank 0 killed inside that write is ``tests/integration/test_pretrain.py``."""
-    root = tmp_path / "ckpt"
-    code = f"""
-import torch
-from mdlora.embeddings import checkpoint as ckpt
-torch.manual_seed(0)
-model = torch.nn.Linear(4, 2)
-opt = torch.optim.Adam(model.parameters())
-ckpt.save_checkpoint({str(root)!r}, 1, model, opt, {{"step": 1}}, rank=0)
-with torch.no_grad():
-    model.weight.add_(1.0)
-ckpt.save_checkpoint({str(root)!r}, 2, model, opt, {{"step": 2}}, rank=0)
-"""
-    _killed(code, "step-2.tmp/meta.json")
-    import torch
-
-    from mdlora.embeddings import checkpoint as ckpt
-
-    latest = ckpt.latest_checkpoint(root)
-    assert latest == root / "step-1"
-    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["latest", "step-1"]
-    torch.manual_seed(0)
-    fresh = torch.nn.Linear(4, 2)
-    expected = fresh.weight.detach().clone()
-    with torch.no_grad():
-        fresh.weight.zero_()
-    assert ckpt.load_checkpoint(latest, fresh)["step"] == 1
-    assert torch.equal(fresh.weight, expected)  # the step-1 weights, not the half-written step 2
-    # the rerun commits step 2 (and clears the dead save's staging directory)
-    assert ckpt.save_checkpoint(root, 2, fresh, None, {"step": 2}, rank=0) == root / "step-2"
-    assert ckpt.latest_checkpoint(root) == root / "step-2" and not list(root.glob(".step-*"))
 
 
 def test_backbone_publish(registry, world):
@@ -115,7 +80,7 @@ def test_bundle_publish(registry, world):
     """``Registry.publish`` of a second d00 version killed before its manifest."""
     reg, root = registry
     code = f"""
-from mdlora.adapters.registry import Registry
+from mdlora.infra.artifacts.registry import Registry
 from mdlora.infra.storage import open_fs
 Registry(*open_fs({str(root)!r})).publish("adapters", "d00", {str(world['bundle'])!r})
 """
@@ -131,7 +96,7 @@ def test_registry_index(registry, world):
     v2 = reg.publish("adapters", "d00", world["bundle"])
     history = reg.history("adapters", "d00")
     code = f"""
-from mdlora.adapters.registry import Registry
+from mdlora.infra.artifacts.registry import Registry
 from mdlora.infra.storage import open_fs
 Registry(*open_fs({str(root)!r})).promote("adapters", "d00", {v2!r})
 """

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from mdlora.adapters.registry import Registry
+from mdlora.infra.artifacts.registry import Registry
 from mdlora.infra.storage import open_fs
 from mdlora.jobs.cli import main
 from tests.reliability.conftest import adapt_overrides, run_overrides, sets

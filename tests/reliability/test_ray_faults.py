@@ -57,7 +57,7 @@ def test_four_add_domain_jobs_at_once(world, new_domains, cluster, tmp_path):
     """Every job publishes and promotes its own v0001; nothing else in the registry changes."""
     import shutil
 
-    from mdlora.adapters.registry import Registry
+    from mdlora.infra.artifacts.registry import Registry
     from mdlora.infra.storage import open_fs
     from mdlora.atomic import sha256_tree
 

@@ -70,7 +70,7 @@ def endpoint():
 
 
 def artefact(directory: Path) -> Path:
-    from mdlora.artifact import seal
+    from mdlora.infra.artifacts.sealed import seal
 
     directory.mkdir()
     rng = __import__("numpy").random.default_rng(0)
@@ -86,7 +86,7 @@ def artefact(directory: Path) -> Path:
 def test_publish_survives_or_fails_cleanly(downtime, endpoint, tmp_path, monkeypatch):
     import s3fs
 
-    from mdlora.adapters.registry import Registry
+    from mdlora.infra.artifacts.registry import Registry
     from mdlora.infra.storage import open_fs
 
     env = {"MDLORA_S3_ENDPOINT": endpoint.url, "AWS_ACCESS_KEY_ID": "outage-key",
@@ -111,7 +111,7 @@ def test_publish_survives_or_fails_cleanly(downtime, endpoint, tmp_path, monkeyp
 
     cutter = threading.Thread(target=outage, daemon=True)
     cutter.start()
-    code = ("from mdlora.adapters.registry import Registry; from mdlora.infra.storage import open_fs; "
+    code = ("from mdlora.infra.artifacts.registry import Registry; from mdlora.infra.storage import open_fs; "
             f"print(Registry(*open_fs('s3://{endpoint.bucket}/registry')).publish('backbones', 'ctr', {str(src)!r}))")
     r = py(code, env=env, timeout=180)
     done.set()

@@ -74,7 +74,7 @@ def test_a_backbone_whose_checkpoint_metadata_runs_code_is_refused(world, tmp_pa
     import pickle
 
     from mdlora.embeddings.schema import Schema
-    from mdlora.artifact import read_manifest, seal
+    from mdlora.infra.artifacts.sealed import read_manifest, seal
     from mdlora.trainer.config import ModelConfig
     from mdlora.trainer.recipes import load_unsharded
 
@@ -105,7 +105,7 @@ def test_adapter_bundles_are_safetensors_and_json_only(world):
 def test_secret_key_never_appears_in_outputs(world, s3_server, tmp_path, monkeypatch, capfd):
     import s3fs
 
-    from mdlora.adapters.registry import Registry
+    from mdlora.infra.artifacts.registry import Registry
     from mdlora.infra.storage import open_fs
     from mdlora.jobs.cli import main
 

@@ -14,7 +14,7 @@ Concurrency:
   loses the race tries the next number. A crashed publisher leaves a version without a
   manifest, which is ignored and whose number is never reused.
 * **Aliases and history** live in one small JSON object per name, replaced whole and updated
-  with serialised read-modify-write (:mod:`mdlora.adapters.document`: ``flock`` locally,
+  with serialised read-modify-write (:mod:`mdlora.infra.artifacts.document`: ``flock`` locally,
   compare-and-swap on S3, applied once when a PUT's reply is lost).
 * Different names never write the same object, so jobs for different domains never conflict.
 
@@ -38,15 +38,13 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from mdlora.adapters.bundle import BundleManifest
-from mdlora.adapters.document import UpdateConflict, update_json
-from mdlora.artifact import MANIFEST, ArtifactError, check_files, local_copy, read_manifest
+from mdlora.infra.artifacts.bundle import BundleManifest
+from mdlora.infra.artifacts.document import UpdateConflict, update_json
+from mdlora.infra.artifacts.layout import ADAPTERS, ALIASES, KINDS, MANIFEST, RESERVATION
+from mdlora.infra.artifacts.sealed import ArtifactError, check_files, local_copy, read_manifest
 from mdlora.atomic import write_bytes
 from mdlora.names import check_name
 
-KINDS = ("adapters", "backbones")
-ALIASES = "aliases.json"
-RESERVATION = ".reservation"
 _VERSION = re.compile(r"^v(\d{4,})$")
 
 
@@ -205,7 +203,7 @@ class Registry:
         path = f"{self._name_dir(kind, name)}/{self._version(kind, name, ref)}"
         try:
             manifest = read_manifest(path, self.fs)
-            if kind == "adapters":  # also a format this code reads and a valid bundle manifest
+            if kind == ADAPTERS:  # also a format this code reads and a valid bundle manifest
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     BundleManifest.from_dict(manifest, source=self.uri(path))
@@ -220,7 +218,7 @@ class Registry:
         download into ``local_dir/<registry key>/<kind>/<name>/<vNNNN>`` atomically, where the
         key is a hash of the registry's URI (two buckets' ``ctr/v0001`` never share a copy), and
         reuse an earlier download only when its manifest lists exactly the files and hashes of
-        the registry's and its files match them (:func:`mdlora.artifact.local_copy`). Either way
+        the registry's and its files match them (:func:`mdlora.infra.artifacts.sealed.local_copy`). Either way
         every file is checked against the manifest's sha256 before the path is returned, so
         nothing modified is ever loaded.
         """

@@ -9,9 +9,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from mdlora.adapters.registry import RESERVATION, Registry, RegistryError, _production_stack
+from mdlora.infra.artifacts.registry import RESERVATION, Registry, RegistryError, _production_stack
 from mdlora.jobs.cli import main
-from mdlora.artifact import MANIFEST, ArtifactError, seal
+from mdlora.infra.artifacts.sealed import MANIFEST, ArtifactError, seal
 
 
 def make_artifact(directory: Path, payload: bytes = b"weights", kind: str = "adapter") -> Path:
@@ -174,7 +174,7 @@ def test_concurrent_publishers_get_distinct_versions_and_consistent_aliases(tmp_
 def test_s3_registry_round_trip(s3_env, tmp_path, monkeypatch):
     import torch
 
-    from mdlora.adapters.bundle import BackboneRef, BundleManifest, load_bundle, write_bundle
+    from mdlora.infra.artifacts.bundle import BackboneRef, BundleManifest, load_bundle, write_bundle
     from mdlora.infra.storage import open_fs
 
     uri = f"{s3_env}/registry"
@@ -209,8 +209,8 @@ def test_s3_registry_round_trip(s3_env, tmp_path, monkeypatch):
     local = reg.fetch("adapters", "books", "production", tmp_path / "cache")
     assert local.parent.parent.parent.parent == tmp_path / "cache"  # cache/<registry key>/adapters/books/v0001
     assert local.relative_to(tmp_path / "cache").parts[1:] == ("adapters", "books", "v0001")
-    tensors, loaded = load_bundle(local, expect_backbone_hash="h" * 64, expect_schema_hash="s" * 64)
-    assert torch.equal(tensors["a"], torch.arange(8.0).reshape(2, 4)) and loaded.version == "v0001"
+    loaded = load_bundle(local, expect_backbone_hash="h" * 64, expect_schema_hash="s" * 64)
+    assert torch.equal(loaded.tensors["a"], torch.arange(8.0).reshape(2, 4)) and loaded.manifest.version == "v0001"
     assert reg.aliases("adapters", "books") == {"latest": "v0005", "production": "v0001"}
     assert reg.verify("adapters", "books", "v0002") == []
 
@@ -270,8 +270,8 @@ def test_local_fetch_checks_every_file_before_handing_out_the_path(tmp_path):
 
 
 def test_verify_reports_an_adapter_bundle_too_new_to_read(tmp_path):
-    from mdlora.adapters.bundle import write_bundle
-    from tests.adapters.test_bundle import make_manifest, make_tensors, rewrite_manifest
+    from mdlora.infra.artifacts.bundle import write_bundle
+    from tests.infra.test_bundle import make_manifest, make_tensors, rewrite_manifest
 
     reg = local_registry(tmp_path / "reg")
     write_bundle(tmp_path / "src", make_tensors(), make_manifest())

@@ -2,7 +2,8 @@
 
 A bundle directory (``adapters/<domain>/vNNNN/`` in the registry) holds:
 
-* ``adapter.safetensors`` — the adapter tensors (``safetensors.torch``; never pickle);
+* ``adapter.safetensors`` — the adapter tensors (``safetensors.torch``; never pickle): the
+  domain's own, and those it shares with its run's other bundles (:mod:`.layout`);
 * ``manifest.json`` — :class:`BundleManifest`, written last with the sha256 of every file.
 
 Loading checks, in order: the manifest is present, its ``format_version`` is not newer than
@@ -26,15 +27,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mdlora
-from mdlora.artifact import ArtifactError, check_files, read_manifest, seal
 from mdlora.atomic import staging_dir
 from mdlora.config import ConfigError, from_dict, to_dict
+from mdlora.infra.artifacts.layout import ADAPTER_WEIGHTS, MANIFEST, SHARED_PREFIX
+from mdlora.infra.artifacts.sealed import ArtifactError, check_files, read_manifest, seal
 from mdlora.names import check_name
 
 FORMAT_VERSION = 2
 """2: MultiLoRA domain batch norm became residual (identity at start); format-1 MultiLoRA bundles
 would compute different outputs under this code, so they are refused (MLoRA bundles are unchanged)."""
-WEIGHTS = "adapter.safetensors"
 _VERSION = re.compile(r"^v\d{4,}$")
 
 
@@ -168,7 +169,10 @@ def check_format_version(data: dict[str, Any], source: str) -> None:
 
 
 def write_bundle(
-    dest: str | Path, tensors: dict[str, torch.Tensor], manifest: BundleManifest
+    dest: str | Path,
+    tensors: dict[str, torch.Tensor],
+    manifest: BundleManifest,
+    shared: dict[str, torch.Tensor] | None = None,
 ) -> BundleManifest:
     """Write a bundle atomically: tensors first, manifest (with every file's sha256) last.
 
@@ -176,8 +180,9 @@ def write_bundle(
 
     Args:
         dest: bundle directory to create; must not exist (bundles are immutable).
-        tensors: adapter tensors by key (CPU or not; stored contiguous on CPU).
+        tensors: the domain's adapter tensors by module key (CPU or not; stored contiguous on CPU).
         manifest: manifest; ``files`` and ``content_hash`` are filled in here.
+        shared: tensors every bundle of the run shares (MultiLoRA's aux LoRAs), or None.
 
     Returns:
         The manifest as written.
@@ -185,12 +190,25 @@ def write_bundle(
     Raises:
         FileExistsError: ``dest`` exists.
     """
+    clash = sorted(k for k in tensors if k.startswith(SHARED_PREFIX))
+    if clash:
+        raise ValueError(f"tensors: domain keys must not start with {SHARED_PREFIX!r}: {clash[:3]}")
+    out = dict(tensors) | {SHARED_PREFIX + k: v for k, v in (shared or {}).items()}
     with staging_dir(dest) as tmp:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS)
-        )
+        save_file({k: v.detach().cpu().contiguous() for k, v in out.items()}, str(tmp / ADAPTER_WEIGHTS))
         written = seal(tmp, manifest.to_dict())
     return BundleManifest.from_dict(written, source=str(dest))
+
+
+@dataclass
+class Bundle:
+    """A loaded, checked bundle."""
+
+    manifest: BundleManifest
+    tensors: dict[str, torch.Tensor]
+    """The domain's own adapter tensors (CPU), keyed by module."""
+    shared: dict[str, torch.Tensor]
+    """Tensors shared with the other bundles of its run (MultiLoRA aux LoRAs; {} for MLoRA)."""
 
 
 def load_bundle(
@@ -198,7 +216,7 @@ def load_bundle(
     *,
     expect_backbone_hash: str | None,
     expect_schema_hash: str | None,
-) -> tuple[dict[str, torch.Tensor], BundleManifest]:
+) -> Bundle:
     """Load and check a bundle directory.
 
     Args:
@@ -207,7 +225,7 @@ def load_bundle(
         expect_schema_hash: ``Schema.content_hash()`` the caller runs; None skips the check.
 
     Returns:
-        ``(tensors, manifest)`` with CPU tensors keyed as written.
+        The bundle, domain and shared tensors apart.
 
     Raises:
         BundleError: missing manifest, newer format, tampered file, or hash mismatch; the message
@@ -218,9 +236,9 @@ def load_bundle(
         raw = read_manifest(str(path))
     except ArtifactError as e:
         raise BundleError(str(e)) from None
-    manifest = BundleManifest.from_dict(raw, source=str(path / "manifest.json"))
-    if WEIGHTS not in manifest.files:
-        raise BundleError(f"{path}: manifest lists no {WEIGHTS}")
+    manifest = BundleManifest.from_dict(raw, source=str(path / MANIFEST))
+    if ADAPTER_WEIGHTS not in manifest.files:
+        raise BundleError(f"{path}: manifest lists no {ADAPTER_WEIGHTS}")
     problems = check_files(str(path), manifest.files)
     if problems:
         raise BundleError(f"{path}: corrupt bundle: " + "; ".join(problems))
@@ -234,7 +252,10 @@ def load_bundle(
             f"{path}: adapter was trained with schema hash {manifest.schema_hash}, "
             f"but the current schema has {expect_schema_hash}"
         )
-    return load_file(str(path / WEIGHTS)), manifest
+    raw_tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    n = len(SHARED_PREFIX)
+    return Bundle(manifest, {k: v for k, v in raw_tensors.items() if not k.startswith(SHARED_PREFIX)},
+                  {k[n:]: v for k, v in raw_tensors.items() if k.startswith(SHARED_PREFIX)})
 
 
 def verify_bundle(path: str | Path) -> list[str]:

@@ -1,9 +1,9 @@
-"""Unsharded, hashed CPU snapshot of a (possibly sharded) model: what a published backbone holds.
+"""Test support: an unsharded, hashed CPU snapshot of a (possibly sharded) model (parity checks).
 
 :func:`gather_state` assembles every table from its shards (``ShardedTensor.gather``) and keeps
 dense weights as they are, under normalised keys (no ``module.`` / ``_dmp_wrapped_module.``),
 so the result loads with ``load_state_dict`` into the same model built unsharded on cpu — the
-single-process scoring path. :func:`state_hash` fingerprints it for bundle manifests.
+single-process scoring path. :func:`state_hash` fingerprints it.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import fsspec
 
 from mdlora.atomic import sha256_tree, staging_dir, write_bytes, write_json
 
-MANIFEST = "manifest.json"
+from mdlora.infra.artifacts.layout import MANIFEST
 
 
 class ArtifactError(ValueError):

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import mdlora
-from mdlora.adapters.bundle import (
+from mdlora.infra.artifacts.bundle import (
     FORMAT_VERSION,
-    WEIGHTS,
     BackboneRef,
     BundleError,
     BundleManifest,
@@ -20,7 +19,8 @@ from mdlora.adapters.bundle import (
     verify_bundle,
     write_bundle,
 )
-from mdlora.artifact import MANIFEST
+from mdlora.infra.artifacts.layout import ADAPTER_WEIGHTS as WEIGHTS
+from mdlora.infra.artifacts.layout import MANIFEST
 
 BACKBONE_HASH = "b" * 64
 SCHEMA_HASH = "s" * 64
@@ -66,7 +66,21 @@ def bundle(tmp_path) -> Path:
 
 
 def load(path, backbone=BACKBONE_HASH, schema=SCHEMA_HASH):
-    return load_bundle(path, expect_backbone_hash=backbone, expect_schema_hash=schema)
+    b = load_bundle(path, expect_backbone_hash=backbone, expect_schema_hash=schema)
+    return b.tensors, b.manifest
+
+
+def test_shared_tensors_round_trip_apart_from_the_domain_s(tmp_path):
+    shared = {"tower.0.aux.F.A": torch.randn(4, 2), "tower.0.aux.M.A": torch.randn(4, 2)}
+    write_bundle(tmp_path / "b", make_tensors(), make_manifest(), shared=shared)
+    b = load_bundle(tmp_path / "b", expect_backbone_hash=BACKBONE_HASH, expect_schema_hash=SCHEMA_HASH)
+    assert sorted(b.tensors) == sorted(make_tensors()) and sorted(b.shared) == sorted(shared)
+    assert all(torch.equal(b.shared[k], v) for k, v in shared.items())
+    assert load(write_bundle(tmp_path / "c", make_tensors(), make_manifest()) and tmp_path / "c")[0].keys() \
+        == make_tensors().keys()
+    with pytest.raises(ValueError, match="must not start with 'shared.'"):
+        write_bundle(tmp_path / "d", {"shared.x": torch.zeros(1)}, make_manifest())
+    assert not (tmp_path / "d").exists()
 
 
 def test_round_trip_is_bit_identical_and_records_everything(bundle):
@@ -157,7 +171,7 @@ def test_invalid_manifest_values_are_refused(overrides, match):
 
 
 def test_crash_during_write_leaves_no_visible_bundle(tmp_path, monkeypatch):
-    import mdlora.adapters.bundle as bundle_mod
+    import mdlora.infra.artifacts.bundle as bundle_mod
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")

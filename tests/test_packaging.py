@@ -1,0 +1,60 @@
+"""The installed distribution: it claims no top-level import name but ``mdlora``, so it installs
+beside AdapterHub's ``adapters`` (and the PyPI ``trainer`` / ``embeddings`` projects)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = ("adapters", "trainer", "embeddings", "jobs", "infra")
+
+CHECK = """
+import importlib.util, json, sys
+# no editable install of the checkout: only what the wheel put in the target directory
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+import adapters                                  # AdapterHub
+import mdlora, mdlora.adapters.lora, mdlora.jobs.cli, mdlora.infra.artifacts, mdlora.trainer.recipes
+print(json.dumps({
+    "adapterhub": adapters.__file__, "adapterhub_lora": hasattr(adapters, "LoRAConfig"),
+    "mdlora": mdlora.__file__, "ours": mdlora.adapters.lora.__file__, "cli": mdlora.jobs.cli.__file__,
+    "top": {n: importlib.util.find_spec(n) is not None for n in ("trainer", "embeddings", "jobs", "infra")},
+}))
+"""
+
+
+def _pip(*args: str, timeout: int = 600) -> None:
+    r = subprocess.run([sys.executable, "-m", "pip", "-q", *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.integration
+def test_wheel_installs_beside_adapterhub(tmp_path):
+    _pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT))
+    (wheel,) = (tmp_path / "dist").glob("mdlora-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"mdlora", wheel.name.split("-py")[0] + ".dist-info"}
+    sources = {f"mdlora/{p.relative_to(ROOT)}" if p.parts[len(ROOT.parts)] != "mdlora" else str(p.relative_to(ROOT))
+               for pkg in ("mdlora", *OURS) for p in (ROOT / pkg).rglob("*.py")}
+    assert sources - set(names) == set(), "modules missing from the wheel"
+    top = next(n for n in names if n.endswith("top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top).decode().split() == ["mdlora"]
+
+    site = tmp_path / "site"  # AdapterHub (+ transformers) and our wheel, nothing from the checkout
+    _pip("install", "--target", str(site), "adapters")
+    _pip("install", "--no-deps", "--target", str(site), str(wheel))
+    r = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, capture_output=True, text=True,
+                       env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["adapterhub"] == str(site / "adapters" / "__init__.py") and out["adapterhub_lora"]
+    assert out["mdlora"] == str(site / "mdlora" / "__init__.py")
+    assert out["ours"] == str(site / "mdlora" / "adapters" / "lora.py")
+    assert out["cli"] == str(site / "mdlora" / "jobs" / "cli.py")
+    assert not any(out["top"].values()), out["top"]
