@@ -145,10 +145,10 @@ def build_frozen(backbone: RunConfig, dist: DistConfig, env: DistEnv, schema: Sc
         returned module is referenced.
     """
     _, _, model = _sharded(schema, backbone.model, dist, env, batch_size, "sgd", backbone.optim.sparse_lr)
-    ckpt.read_shards(Path(checkpoint), model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.module.backbone.eval()  # DMP(CTRTask): the sharded tables stay referenced
+    task = model.module  # the sharded CTRTask without its wrappers: weights only, no optimiser state
+    ckpt.read_shards(Path(checkpoint), task)
+    task.requires_grad_(False)
+    return task.backbone.eval()
 
 
 def load_unsharded(directory: str | Path, schema: Schema, model_cfg) -> CTRTask:
