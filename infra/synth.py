@@ -1,35 +1,18 @@
 """Synthetic multi-domain CTR logs with a known click model: the data every test and demo uses.
 
-The world (fixed by ``seed``; d = 8 latent dims, K domains, C = 32 categories, E = 8 devices)::
+:mod:`mdlora.infra.synth_world` holds the world and the click model (its docstring has the math
+and the shift families a-e); this module draws the rows chunk by chunk and writes them. The
+domain of each row comes from exact totals per domain (10 + the largest remainders of
+``w_k * (N - 10 K)``), spread over chunks by a multivariate hypergeometric draw; each row also
+gets a day ~ U{0..D-1}.
 
-    user u   latent p_u ~ N(0, d^-1/2 I_d), gender g_u in {F, M}, city, preferred category m_u
-    item i   latent q_i ~ N(0, d^-1/2 I_d), category c_i, bias b_i ~ N(0, .4^2), price_i
-    domain k share w_k (one ~45 %, the rest geometric down to ~1 %), shift strength s_k
-             (a permutation of linspace(.2, 1.2, K)), bias delta_k ~ N(0, .5^2),
-             P_k, Q_k in R^{d x 2} scaled so that P_k^T p_u and Q_k^T q_i have unit-variance
-             components, P(gender = F | k) ~ U(.2, .8)
-    global   b_cat ~ N(0, .4^2) [C], b_dev ~ N(0, .2^2) [E], eta ~ N(0, .4^2) [2, K],
-             zeta ~ N(0, .3^2) [2, C]
-
-A row (one impression) draws: domain k (exact totals per domain, spread over chunks by a
-multivariate hypergeometric draw); gender g ~ P(. | k); user u ~ Zipf(1.05) among the users of
-gender g (ranks mapped to ids by a seeded permutation); item i ~ Zipf(1.05); device
-e ~ U{0..E-1}; position t ~ U{1..10}; 0-5 recent categories (each m_u with probability .6, else
-uniform); day ~ U{0..D-1}; split train/val/test ~ (.8, .1, .1).
-
-Click model, sigma the logistic function::
-
-    logit = beta0 + .7 p_u . q_i + b_i + b_cat[c_i] + .8 [c_i = m_u]
-            - .3 (log price_i - 3) - .12 (t - 1) + b_dev[e]                 shared part
-          + delta_k + s_k / sqrt(2) * (P_k^T p_u) . (Q_k^T q_i)             domain part (rank 2)
-          + eta[g, k] + zeta[g, c_i]                                        auxiliary part
-    click ~ Bernoulli(sigma(logit))
-
-The rank-2 domain term has standard deviation ~ s_k, so a shared model can only fit the average
-interaction ``p_u^T (.7 I + mean_k s_k P_k Q_k^T / sqrt 2) q_i`` and strongly shifted domains gain
-from a per-domain low-rank adapter. ``beta0`` is solved by bisection on a pilot sample so that the
-overall CTR is ``ctr``; truth.json records the oracle AUC of sigma(logit) (the ceiling a model can
-reach) overall and per domain, and the oracle AUC without the domain/aux terms.
+truth.json records the realised sizes and CTRs, the families that are on (``shifts``) with their
+scales (``shift_scales``) and per-domain parameters (``domains.<d>.shift``), and, on a pilot of
+20k rows per domain (reweighted to the domain mix for the overall figures): ``oracle_auc``, the
+AUC of sigma(logit), the ceiling a model can reach; ``oracle_auc_shared_only``, that of the
+shared part alone; ``auc_lost.<f>``, the oracle AUC lost when family f's term is dropped from
+the logit (``all``: every family's), the headroom a shared model leaves to a per-domain one; and
+``term_sd.<f>``, the standard deviation of family f's term.
 
 Output (``OUT`` a local dir, committed atomically, or ``s3://``, schema.yaml written last)::
 
@@ -49,155 +32,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from scipy.special import expit
 
 from mdlora.embeddings.schema import Schema
 from mdlora.infra.storage import is_s3, open_fs
+from mdlora.infra.synth_world import (
+    CATEGORIES, CITIES, LATENT, MAX_HIST, ZIPF, World, draw_rows, make_world, parse_shifts,
+)
 from mdlora.atomic import staging_dir
 from mdlora.config import to_dict
 
-LATENT, CATEGORIES, DEVICES, CITIES, POSITIONS, MAX_HIST = 8, 32, 8, 500, 10, 5
-ZIPF, CHUNK = 1.05, 1 << 20  # popularity exponent; rows generated per chunk (bounds memory)
+CHUNK = 1 << 20  # rows generated per chunk (bounds memory)
 SPLITS = ("train", "val", "test")
 _CITY = pa.array([f"city{j:03d}" for j in range(CITIES)])
 _GENDER = pa.array(["F", "M"])
-
-
-def domain_shares(k: int) -> np.ndarray:
-    """Row shares of K domains: d00 ~45 %, the others geometric down to ~1 % (float64 [K])."""
-    if k == 1:
-        return np.ones(1)
-    j = np.arange(k - 1)
-    lo, hi = 1e-6, 1.0  # bisection on the ratio r so that 0.55 * r^(K-2) / sum(r^j) = 0.01
-    for _ in range(100):
-        r = (lo + hi) / 2
-        w = r**j / (r**j).sum() * 0.55
-        lo, hi = (r, hi) if w[-1] < 0.01 else (lo, r)
-    return np.concatenate([[0.45], w])
-
-
-@dataclass
-class World:
-    """The seeded tables of the click model (see module docstring for the math).
-
-    Attributes: ``user_lat`` f32 [U, d], ``user_city`` i64 [U], ``user_pref`` i64 [U],
-    ``user_pools`` (user ids of each gender, F then M, in popularity order); ``item_lat`` f32
-    [I, d], ``item_cat`` i64 [I], ``item_bias`` f32 [I], ``item_logprice`` f32 [I]; ``cat_bias``
-    [C], ``dev_bias`` [E]; per domain ``shares``, ``strength``, ``bias``, ``p_female`` [K];
-    ``user_proj`` f32 [U, K, 2] = P_k^T p_u,
-    ``item_proj`` f32 [I, K, 2] = Q_k^T q_i; ``eta`` [2, K]; ``zeta`` [2, C]; ``beta0``;
-    ``item_by_rank`` (item ids in popularity order).
-    """
-
-    user_lat: np.ndarray
-    user_city: np.ndarray
-    user_pref: np.ndarray
-    item_lat: np.ndarray
-    item_cat: np.ndarray
-    item_bias: np.ndarray
-    item_logprice: np.ndarray
-    cat_bias: np.ndarray
-    dev_bias: np.ndarray
-    shares: np.ndarray
-    strength: np.ndarray
-    bias: np.ndarray
-    p_female: np.ndarray
-    user_proj: np.ndarray
-    item_proj: np.ndarray
-    eta: np.ndarray
-    zeta: np.ndarray
-    user_pools: tuple[np.ndarray, np.ndarray]
-    item_by_rank: np.ndarray
-    beta0: float = 0.0
-
-
-def make_world(seed: int, *, domains: int, users: int, items: int, ctr: float = 0.3) -> World:
-    """The seeded world (stream 0 of ``seed``) for K ``domains``, user ids ``[0, users)``, item
-    ids ``[0, items)``, with ``beta0`` bisected on a 200k-row pilot so the mean CTR is ``ctr``."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0]))
-    sd = LATENT**-0.25  # p_u . q_i then has unit variance
-    f32 = np.float32
-    user_lat = rng.normal(0, sd, (users, LATENT)).astype(f32)
-    item_lat = rng.normal(0, sd, (items, LATENT)).astype(f32)
-    proj_sd = (LATENT * sd**2) ** -0.5  # P_k^T p_u has unit-variance components
-    pk = rng.normal(0, proj_sd, (domains, LATENT, 2)).astype(f32)
-    qk = rng.normal(0, proj_sd, (domains, LATENT, 2)).astype(f32)
-    gender = (rng.random(users) >= 0.45).astype(np.int64)
-    by_rank = rng.permutation(users)  # popularity rank -> user id
-    gender[by_rank[:2]] = [0, 1]  # both genders always have users
-    pools = tuple(by_rank[gender[by_rank] == g] for g in (0, 1))
-    world = World(
-        user_lat=user_lat, user_pref=rng.integers(0, CATEGORIES, users),
-        user_city=np.minimum(rng.zipf(1.3, users) - 1, CITIES - 1).astype(np.int64),
-        item_lat=item_lat, item_by_rank=rng.permutation(items),
-        item_cat=np.minimum(rng.geometric(0.12, items) - 1, CATEGORIES - 1).astype(np.int64),
-        item_bias=rng.normal(0, 0.4, items).astype(f32),
-        item_logprice=rng.normal(3.0, 1.0, items).astype(f32),
-        cat_bias=rng.normal(0, 0.4, CATEGORIES).astype(f32),
-        dev_bias=rng.normal(0, 0.2, DEVICES).astype(f32),
-        shares=domain_shares(domains), strength=rng.permutation(np.linspace(0.2, 1.2, domains)),
-        bias=rng.normal(0, 0.5, domains), p_female=rng.uniform(0.2, 0.8, domains),
-        user_proj=np.einsum("ud,kdr->ukr", user_lat, pk),  # [U, K, 2]
-        item_proj=np.einsum("id,kdr->ikr", item_lat, qk),  # [I, K, 2]
-        eta=rng.normal(0, 0.4, (2, domains)), zeta=rng.normal(0, 0.3, (2, CATEGORIES)),
-        user_pools=pools,
-    )
-    pilot_rng = np.random.default_rng(np.random.SeedSequence([seed, 2]))
-    pilot = draw_rows(world, pilot_rng, pilot_rng.choice(domains, 200_000, p=world.shares))
-    lo, hi = -15.0, 15.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if expit(pilot["logit"] + mid).mean() < ctr else (lo, mid)
-    world.beta0 = (lo + hi) / 2
-    return world
-
-
-def _zipf(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-    """Popularity ranks in [0, size) with P(rank r) ~ (r + 1)^-ZIPF (inverse CDF of the
-    continuous power law on [1, size + 1), floored): int64 [n]."""
-    top = (size + 1.0) ** (1 - ZIPF) - 1
-    x = (1 + rng.random(n) * top) ** (1 / (1 - ZIPF))
-    return np.minimum(x.astype(np.int64) - 1, size - 1)
-
-
-def draw_rows(world: World, rng: np.random.Generator, dom: np.ndarray) -> dict[str, np.ndarray]:
-    """Draw one impression per entry of ``dom`` (domain ids, int64 [n]).
-
-    Returns:
-        numpy columns ``user_id item_id category device position gender dom hist_len split
-        logit logit_shared click`` ([n] each) and ``hist_vals`` ([sum hist_len]).
-    """
-    n, k = len(dom), len(world.shares)
-    gender = (rng.random(n) >= world.p_female[dom]).astype(np.int64)
-    user = np.empty(n, dtype=np.int64)
-    for g, pool in enumerate(world.user_pools):
-        m = gender == g
-        user[m] = pool[_zipf(rng, int(m.sum()), len(pool))]
-    item = world.item_by_rank[_zipf(rng, n, len(world.item_by_rank))]
-    device = rng.integers(0, DEVICES, n)
-    position = rng.integers(1, POSITIONS + 1, n)
-    hist_len = rng.integers(0, MAX_HIST + 1, n)
-    pref = np.take(world.user_pref, user)
-    hist_pref = np.repeat(pref, hist_len)
-    hist_vals = np.where(rng.random(len(hist_pref)) < 0.6, hist_pref,
-                         rng.integers(0, CATEGORIES, len(hist_pref)))
-    cat = np.take(world.item_cat, item)
-    u_lat = np.take(world.user_lat, user, axis=0)  # [n, d]
-    i_lat = np.take(world.item_lat, item, axis=0)  # [n, d]
-    shared = (0.7 * np.einsum("nd,nd->n", u_lat, i_lat) + np.take(world.item_bias, item)
-              + np.take(world.cat_bias, cat) + 0.8 * (cat == pref)
-              - 0.3 * (np.take(world.item_logprice, item) - 3.0) - 0.12 * (position - 1)
-              + np.take(world.dev_bias, device))
-    up, iq = world.user_proj.reshape(-1), world.item_proj.reshape(-1)  # [U*K*2], [I*K*2]
-    ui, ii = (user * k + dom) * 2, (item * k + dom) * 2
-    shift = np.take(up, ui) * np.take(iq, ii) + np.take(up, ui + 1) * np.take(iq, ii + 1)
-    logit = (shared + world.bias[dom] + world.strength[dom] / np.sqrt(2) * shift  # domain part
-             + world.eta[gender, dom] + world.zeta[gender, cat] + world.beta0)  # aux part
-    click = (rng.random(n) < expit(logit)).astype(np.int8)
-    split = np.digitize(rng.random(n), [0.8, 0.9])  # 0 train, 1 val, 2 test
-    return dict(user_id=user, item_id=item, category=cat, device=device, position=position,
-                gender=gender, dom=dom, hist_len=hist_len, hist_vals=hist_vals, split=split,
-                logit=logit, logit_shared=shared + world.beta0, click=click)
 
 
 def _to_table(cols: dict[str, np.ndarray], world: World, names: pa.Array) -> pa.Table:
@@ -256,8 +103,12 @@ class SynthConfig:
     """Target overall click rate."""
     start: str = "2026-01-01"
     """First log date."""
+    shifts: tuple[str, ...] = ("a",)
+    """Shift families on (letters of ``abcde``, synth_world docstring), or ``"a,b,..."``;
+    ``("a",)`` alone gives the data of the generator before the families b-e, byte for byte."""
 
     def __post_init__(self) -> None:
+        self.shifts = parse_shifts(self.shifts)  # ValueError names the bad value
         k = self.domains
         for flag, ok, want in (
             ("--domains", k >= 1, ">= 1"),
@@ -341,7 +192,16 @@ def _truth(world: World, names: list[str], counts, clicks, n_split, cfg: SynthCo
         both = 0 < y[m].sum() < m.sum()  # AUC needs both classes
         return float(roc_auc_score(y[m], logit[m], sample_weight=sw)) if both else None
 
-    every = np.ones(len(dom), bool)
+    def oracle(m: np.ndarray, weight=None) -> dict:
+        """Oracle AUCs of the rows ``m``, and what dropping each family's term loses."""
+        full, terms = auc(m, c["logit"], weight), {f: c[f"term_{f}"] for f in world.shifts}
+        drops = {f: c["logit"] - t for f, t in terms.items()}
+        drops["all"] = c["logit"] - sum(terms.values(), np.zeros(len(dom)))
+        lost = {f: None if full is None else full - auc(m, d, weight) for f, d in drops.items()}
+        return {"oracle_auc": full, "oracle_auc_shared_only": auc(m, c["logit_shared"], weight),
+                "auc_lost": lost if terms else {}}
+
+    a_on = "a" in world.shifts
     domains = {}
     for i, nm in enumerate(names):
         m = dom == i
@@ -349,19 +209,43 @@ def _truth(world: World, names: list[str], counts, clicks, n_split, cfg: SynthCo
             "rows": int(counts[i]), "share": float(world.shares[i]),
             "rows_per_split": dict(zip(SPLITS, map(int, n_split[i]), strict=True)),
             "ctr": float(clicks[i] / counts[i]), "heldout": i >= k - cfg.holdout_domains,
-            "shift_strength": float(world.strength[i]), "bias": float(world.bias[i]),
-            "p_female": float(world.p_female[i]),
-            "oracle_auc": auc(m, c["logit"]), "oracle_auc_shared_only": auc(m, c["logit_shared"]),
+            "shift_strength": float(world.strength[i]) if a_on else 0.0,
+            "bias": float(world.bias[i]), "p_female": float(world.p_female[i]), **oracle(m),
+            "term_sd": {f: float(c[f"term_{f}"][m].std()) for f in world.shifts},
+            "shift": _domain_shift(world, i),
         }
     params = {**to_dict(cfg), "zipf": ZIPF, "latent_dim": LATENT, "categories": CATEGORIES}
     return {"seed": cfg.seed, "params": params, "beta0": world.beta0, "domains": domains,
-            "ctr": float(clicks.sum() / counts.sum()), "oracle_auc": auc(every, c["logit"], w),
-            "oracle_auc_shared_only": auc(every, c["logit_shared"], w)}
+            "ctr": float(clicks.sum() / counts.sum()), "shifts": list(world.shifts),
+            "shift_scales": {f: world.scales.of(f) for f in world.shifts},
+            **oracle(np.ones(len(dom), bool), w)}
+
+
+def _domain_shift(world: World, i: int) -> dict:
+    """Domain ``i``'s parameters of each family that is on (keys as in the docstring)."""
+    fam, out = world.fam, {}
+    if "a" in world.shifts:
+        out["a"] = {"strength": float(world.strength[i])}
+    if fam.cat_bias is not None:
+        n_items = len(world.item_by_rank)
+        mine = fam.item_keys // n_items == i
+        out["b"] = {"category_bias": [round(float(v), 4) for v in fam.cat_bias[i]],
+                    "items_with_bias": int(mine.sum()),
+                    "item_bias_sd": float(fam.item_vals[mine].std())}
+    if fam.price_slope is not None:
+        out["c"] = {"price_slope": float(fam.price_slope[i])}
+    if fam.city_on is not None:
+        out["d"] = {"feature": "city", "matters": bool(fam.city_on[i])}
+    if fam.hot_items is not None:
+        hot = fam.hot_items[i]
+        effect = fam.hot_vals[np.searchsorted(fam.hot_keys, i * len(world.item_by_rank) + hot)]
+        out["e"] = {"hot_items": hot.tolist(), "hot_effect": [round(float(v), 4) for v in effect]}
+    return out
 
 
 def generate(out: str, *, rows: int, domains: int, seed: int, holdout_domains: int = 0,
              days: int = 7, users: int = 100_000, items: int = 100_000, ctr: float = 0.3,
-             start: str = "2026-01-01") -> dict:
+             start: str = "2026-01-01", shifts: str | tuple[str, ...] = ("a",)) -> dict:
     """Write a synthetic multi-domain CTR log and its schema to ``out`` (local dir or s3://).
 
     Args:
@@ -375,6 +259,7 @@ def generate(out: str, *, rows: int, domains: int, seed: int, holdout_domains: i
         items: item id range.
         ctr: target click rate.
         start: first log date.
+        shifts: shift families on, e.g. ``("a", "b")`` or ``"a,b"`` (synth_world docstring).
 
     Returns:
         Summary: rows, ctr, generation / write seconds and rows/s, rows per domain, seconds.
@@ -384,12 +269,13 @@ def generate(out: str, *, rows: int, domains: int, seed: int, holdout_domains: i
         FileExistsError: ``out`` exists and is not an empty directory.
     """
     cfg = SynthConfig(rows=rows, domains=domains, seed=seed, holdout_domains=holdout_domains,
-                      days=days, users=users, items=items, ctr=ctr, start=start)
+                      days=days, users=users, items=items, ctr=ctr, start=start, shifts=shifts)
     fs, path = open_fs(out)
     if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
         raise FileExistsError(f"{out}: output already exists and is not an empty directory")
     t0 = time.perf_counter()
-    world = make_world(seed, domains=domains, users=users, items=items, ctr=ctr)
+    world = make_world(seed, domains=domains, users=users, items=items, ctr=ctr,
+                       shifts=cfg.shifts)
     if is_s3(out):
         summary = _write_all(fs, path, False, cfg, world)
     else:

@@ -27,6 +27,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--days", type=int, default=7, help="log days (hive partitions date=...)")
     parser.add_argument("--users", type=int, default=100_000, help="user ids [0, users)")
     parser.add_argument("--items", type=int, default=100_000, help="item ids [0, items)")
+    parser.add_argument(
+        "--shifts",
+        default="a",
+        help="per-domain shift families, comma-separated (or none): a low-rank user x item, "
+        "b category/item preferences, c price sensitivity, d city matters in some domains only, "
+        "e own hot items (infra/synth_world.py); default a",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         days=args.days,
         users=args.users,
         items=args.items,
+        shifts=args.shifts,
     )
     print(json.dumps(summary, indent=2))
     return 0

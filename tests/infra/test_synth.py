@@ -1,7 +1,9 @@
-"""Synthetic logs: layout, determinism, schema/id ranges, domain spread and shift, errors, S3."""
+"""Synthetic logs: layout, determinism, schema/id ranges, domain spread, the default data pinned,
+shift families in truth.json, errors, CLI, S3 (the click model: test_synth_world.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mdlora.embeddings.schema import Schema
-from mdlora.infra import synth
+from mdlora.infra import synth, synth_world
 from mdlora.jobs.cli import main
 from mdlora.atomic import sha256_tree
 
@@ -98,31 +100,68 @@ def test_deterministic_per_seed(logs, tmp_path):
     assert all(other[k] != v for k, v in sha256_tree(out)[1].items() if k.endswith(".parquet"))
 
 
-def test_domain_shift_is_real():
-    """A per-domain logistic regression on vec(p_u q_i^T) beats the pooled one most where the
-    shift is strongest, and its coefficients point elsewhere."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
+def _content(out: Path) -> str:
+    """sha256 of the rows of every split (values, not Parquet bytes, which name the writer's
+    version); ``price`` (a float32 exp, whose last bit depends on the CPU's SIMD path) rounded."""
+    h = hashlib.sha256()
+    for split in ("train", "val", "test"):
+        rows = _read(out / split).to_pydict()
+        rows["price"] = [round(p, 3) for p in rows["price"]]
+        h.update(json.dumps(rows, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
-    world = synth.make_world(5, domains=4, users=5000, items=3000)
-    dom = np.repeat(np.arange(4), 12_000)
-    c = synth.draw_rows(world, np.random.default_rng(0), dom)
-    x = np.einsum("nd,ne->nde", world.user_lat[c["user_id"]], world.item_lat[c["item_id"]])
-    x, y, tr = x.reshape(len(dom), -1), c["click"], c["split"] == 0
-    pooled = LogisticRegression(max_iter=200).fit(x[tr], y[tr])
-    gain, cos = {}, {}
-    for k in (int(np.argmax(world.strength)), int(np.argmin(world.strength))):
-        m = dom == k
-        own = LogisticRegression(max_iter=200).fit(x[tr & m], y[tr & m])
-        te = ~tr & m
-        gain[k] = roc_auc_score(y[te], own.decision_function(x[te])) - roc_auc_score(
-            y[te], pooled.decision_function(x[te])
-        )
-        a, b = own.coef_.ravel(), pooled.coef_.ravel()
-        cos[k] = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
-    strong, weak = int(np.argmax(world.strength)), int(np.argmin(world.strength))
-    assert gain[strong] > 0.05 and gain[strong] > gain[weak] + 0.03
-    assert cos[strong] < 0.8 and cos[strong] < cos[weak]
+
+def test_default_data_unchanged(tmp_path):
+    """``shifts=("a",)`` is the default and writes the data the generator wrote before the
+    families b-e existed: the same files as the default, and the row values recorded then."""
+    small = dict(rows=3000, domains=3, seed=7, days=2, users=400, items=300)
+    synth.generate(str(tmp_path / "default"), **small)
+    synth.generate(str(tmp_path / "a"), **small, shifts=("a",))
+    synth.generate(str(tmp_path / "str"), **small, shifts="a")
+    ref = sha256_tree(tmp_path / "default")[0]
+    assert sha256_tree(tmp_path / "a")[0] == ref == sha256_tree(tmp_path / "str")[0]
+    assert _content(tmp_path / "default") == (
+        "68678342092eaed3d06cdc9e607cd91e9be85026510ba8850ae13674315592d3")  # recorded at ded4888
+    truth = json.loads((tmp_path / "default" / "truth.json").read_text())
+    assert truth["ctr"] == 0.29733333333333334  # a ratio of two counts
+    assert truth["beta0"] == pytest.approx(-1.3981531275867698, rel=1e-9)
+    assert truth["oracle_auc"] == pytest.approx(0.7779593096551363, rel=1e-9)
+    assert truth["shifts"] == ["a"] and truth["params"]["shifts"] == ["a"]
+    assert set(truth["shift_scales"]) == {"a"}
+    for v in truth["domains"].values():
+        assert set(v["auc_lost"]) == {"a", "all"} and v["auc_lost"]["a"] == v["auc_lost"]["all"]
+        assert v["shift"] == {"a": {"strength": v["shift_strength"]}} and v["shift_strength"] > 0
+
+
+def test_truth_records_families_and_headroom(tmp_path):
+    """With every family on, truth.json names them with their scales and per-domain parameters,
+    and per domain: oracle >= shared-only AUC, each family's term loses AUC when dropped (the city
+    term nothing where city does not matter), all of them together more than any one."""
+    out = tmp_path / "all"
+    synth.generate(str(out), rows=20_000, domains=4, seed=2, days=1, users=2000, items=2000,
+                   shifts="a,b,c,d,e")
+    truth = json.loads(out.joinpath("truth.json").read_text())
+    assert truth["shifts"] == list("abcde") and set(truth["shift_scales"]) == set("abcde")
+    assert truth["shift_scales"]["b"]["category_sd"] == synth_world.SCALES.b_category_sd
+    assert truth["oracle_auc"] > truth["oracle_auc_shared_only"] + 0.03
+    for nm, v in truth["domains"].items():
+        assert set(v["shift"]) == set(v["auc_lost"]) - {"all"} == set(v["term_sd"]) == set("abcde")
+        assert 0.6 < v["oracle_auc"] < 0.95, nm
+        assert v["oracle_auc"] > v["oracle_auc_shared_only"] + 0.02, nm
+        lost = v["auc_lost"]
+        assert all(x > -0.003 for x in lost.values()), (nm, lost)
+        assert lost["all"] > max(lost[f] for f in "abcde") and lost["all"] > 0.03, (nm, lost)
+        assert lost["b"] > 0.005 and lost["c"] > 0.002 and lost["e"] > 0.002, (nm, lost)
+        if v["shift"]["d"]["matters"]:
+            assert lost["d"] > 0.005 and v["term_sd"]["d"] > 0.3, nm
+        else:
+            assert lost["d"] == 0.0 and v["term_sd"]["d"] == 0.0, nm
+        assert len(v["shift"]["b"]["category_bias"]) == synth_world.CATEGORIES
+        assert len(set(v["shift"]["e"]["hot_items"])) == synth_world.SCALES.e_hot_items
+    slopes = [v["shift"]["c"]["price_slope"] for v in truth["domains"].values()]
+    assert min(slopes) < 0 < max(slopes)
+    matters = [v["shift"]["d"]["matters"] for v in truth["domains"].values()]
+    assert sum(matters) == 2
 
 
 @pytest.mark.parametrize(
@@ -133,6 +172,8 @@ def test_domain_shift_is_real():
         (dict(rows=100, domains=3, holdout_domains=3), "--holdout-domains"),
         (dict(rows=100, domains=3, days=0), "--days"),
         (dict(rows=100, domains=3, users=1), "--users"),
+        (dict(rows=100, domains=3, shifts="a,x"), "--shifts: unknown family 'x' in 'a,x'"),
+        (dict(rows=100, domains=3, shifts=("a", "a")), "--shifts: a family repeated"),
     ],
 )
 def test_bad_arguments(tmp_path, kw, match):
@@ -183,6 +224,22 @@ def test_cli(tmp_path, capsys):
     assert Schema.load(out / "schema.yaml").domain.values == ["d00", "d01"]
     assert main(["gen-logs", "--out", str(out), "--rows", "200", "--domains", "2"]) == 2
     assert "not an empty directory" in capsys.readouterr().err
+
+
+def test_cli_shifts(tmp_path, capsys):
+    tiny = ["--rows", "300", "--domains", "2", "--users", "100", "--items", "100", "--days", "1"]
+    out = tmp_path / "be"
+    assert main(["gen-logs", "--out", str(out), *tiny, "--shifts", "e,b"]) == 0
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth["shifts"] == ["b", "e"] and set(truth["domains"]["d00"]["auc_lost"]) == {
+        "b", "e", "all"}
+    assert truth["domains"]["d00"]["shift_strength"] == 0.0  # (a) off
+    capsys.readouterr()
+    for bad in ("a,x", "a,,b", "abc", "a,a"):
+        assert main(["gen-logs", "--out", str(tmp_path / "bad"), *tiny, "--shifts", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--shifts:" in err and repr(bad) in err and err.count("\n") == 1, err
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.integration
