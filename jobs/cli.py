@@ -12,6 +12,7 @@ import errno
 import importlib
 import sys
 
+from mdlora import __version__
 from mdlora.config import ConfigError
 
 # name -> (module, one-line help). Order is the order of `mdlora --help`.
@@ -54,6 +55,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         prog="mdlora",
         description="Multi-domain CTR training with per-domain LoRA adapters on TorchRec + Ray.",
     )
+    parser.add_argument("--version", action="version", version=f"mdlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
