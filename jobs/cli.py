@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrain": ("mdlora.jobs.retrain", "scheduled retrain of a window: warm-started backbone, rebased adapters, per-domain promotion gate"),
     "bundles": ("mdlora.jobs.bundles", "list, show, verify, promote or roll back registry versions (adapters, backbones)"),
     "submit": ("mdlora.jobs.submit", "submit any mdlora job to a Ray cluster (Ray Jobs API, token auth); --wait streams its logs"),
+    "config": ("mdlora.jobs.config", "show the defaults of a config kind (pretrain, adapt, retrain) with every field documented"),
 }
 
 
