@@ -245,15 +245,7 @@ def _yaml_lines(cls: type, obj: Any, depth: int) -> list[str]:
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        if obj is not None:
-            value = getattr(obj, f.name)
-        elif f.default is not dataclasses.MISSING:
-            value = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            value = f.default_factory()
-        else:
-            value = dataclasses.MISSING
-        tp = hints[f.name]
+        value, tp = _value(f, obj), hints[f.name]
         section = dataclasses.is_dataclass(tp)
         doc = docs.get(f.name) or (_class_doc(tp) if section else "")
         if value is dataclasses.MISSING:
@@ -269,6 +261,15 @@ def _yaml_lines(cls: type, obj: Any, depth: int) -> list[str]:
             text = text.removesuffix("...\n").strip()  # a plain scalar ends its document with ...
             lines.append(f"{pad}{f.name}: {text}")
     return lines
+
+
+def _value(f: dataclasses.Field, obj: Any) -> Any:
+    """The value of field ``f`` on ``obj``, or its default (``dataclasses.MISSING``: none)."""
+    if obj is not None:
+        return getattr(obj, f.name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def _class_doc(cls: type) -> str:
