@@ -36,8 +36,77 @@ SHUFFLE_BATCHES = 4
 """Shuffle-buffer size in batches (per rank)."""
 
 
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+"""Names of the data files of a dataset directory; the files beside them (``schema.yaml``,
+``truth.json``, ``stats.json``) are not read."""
+IGNORE_PREFIXES = (".", "_")
+"""Path components skipped below a dataset directory: hidden files and ``_SUCCESS``,
+``_metadata``, ``_temporary/`` (pyarrow.dataset's default ``ignore_prefixes``)."""
+SPLITS = ("train", "val", "test")
+"""Split subdirectories that ``gen-logs`` and ``import-movielens`` write."""
+
+
 class LogReadError(ValueError):
     """A Parquet file is missing, unreadable or truncated; the message names the file."""
+
+
+def parquet_dataset(uri: str, fmt: ds.FileFormat | str = "parquet") -> ds.FileSystemDataset:
+    """Open the Parquet file or directory (hive partitions as columns) at ``uri``, local or S3.
+
+    A directory's data files are its ``*.parquet`` files (:data:`PARQUET_SUFFIXES`) at any
+    depth, except below a hidden or ``_``-prefixed name (:data:`IGNORE_PREFIXES`). The files are
+    selected by name from one listing: pyarrow's ``exclude_invalid_files`` would skip side files
+    too, but it reads every file's footer to do so and silently drops a truncated Parquet
+    file, which must stay an error naming the file.
+
+    Args:
+        uri: Parquet file or directory, local path or ``s3://bucket/prefix``.
+        fmt: the pyarrow file format (read options).
+
+    Returns:
+        The dataset; its ``files`` are the selected Parquet files.
+
+    Raises:
+        FileNotFoundError: ``uri`` does not exist.
+        LogReadError: no Parquet files (naming some of the other files), a directory of splits
+            (naming them: the dataset is one of them), or the dataset cannot be opened.
+    """
+    fs, path = open_fs(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri}: no such file or directory")
+    kw = {}
+    if fs.isdir(path):
+        source, kw = _parquet_files(uri, sorted(fs.find(path)), path), {"partition_base_dir": path}
+    else:
+        source = path  # a file named explicitly is read as Parquet whatever its name
+    try:
+        return ds.dataset(source, filesystem=fs, format=fmt, partitioning="hive", **kw)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise LogReadError(f"{uri}: cannot open Parquet dataset: {e}") from None
+
+
+def _parquet_files(uri: str, found: list[str], base: str) -> list[str]:
+    """The data files among ``found`` (every file below ``base``, the directory ``uri`` names)."""
+    rel = [f[len(base) :].lstrip("/") for f in found]
+    keep = [
+        not any(p.startswith(IGNORE_PREFIXES) for p in r.split("/"))
+        and r.lower().endswith(PARQUET_SUFFIXES)
+        for r in rel
+    ]
+    splits = [s for s in SPLITS if any(r.startswith(f"{s}/") for r in rel)]
+    if splits and not any(k and "/" not in r for k, r in zip(keep, rel, strict=True)):
+        names = ", ".join(f"{s}/" for s in splits)
+        raise LogReadError(
+            f"{uri}: a directory of splits ({names}), not one dataset: point at one "
+            f"of them, e.g. {uri.rstrip('/')}/{splits[0]}"
+        )
+    files = [f for f, k in zip(found, keep, strict=True) if k]
+    if not files:
+        others = (
+            f"; not Parquet: {', '.join(rel[:3])}{', ...' if len(rel) > 3 else ''}" if rel else ""
+        )
+        raise LogReadError(f"{uri}: empty dataset (no Parquet files{others})")
+    return files
 
 
 @dataclass
@@ -68,19 +137,11 @@ class LogDataset:
         self, uri: str, schema: Schema, *, window: str = "", domains: list[str] | None = None
     ):
         self.uri, self.schema = uri, schema
-        fs, path = open_fs(uri)
-        if not fs.exists(path):
-            raise FileNotFoundError(f"{uri}: no such file or directory")
-        try:
-            # key columns (strings) stay dictionary-encoded: cheaper to decode, take and map
-            keys = [schema.domain.column, *(a.column for a in schema.aux)]
-            keys += [f.column for f in schema.sparse if f.policy == "hash" and not f.multi]
-            fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=keys))
-            self._ds = ds.dataset(path, filesystem=fs, format=fmt, partitioning="hive")
-        except (pa.ArrowInvalid, OSError) as e:
-            raise LogReadError(f"{uri}: cannot open Parquet dataset: {e}") from None
-        if not self._ds.files:
-            raise LogReadError(f"{uri}: empty dataset (no Parquet files)")
+        # key columns (strings) stay dictionary-encoded: cheaper to decode, take and map
+        keys = [schema.domain.column, *(a.column for a in schema.aux)]
+        keys += [f.column for f in schema.sparse if f.policy == "hash" and not f.multi]
+        fmt = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=keys))
+        self._ds = parquet_dataset(uri, fmt)
         names = self._ds.schema.names
         self.missing_columns = [c for c in schema.columns() if c not in names]
         self.columns = [c for c in schema.columns() if c in names]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +49,9 @@ class RunResult:
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> None:
     """Connect to ``address`` / ``RAY_ADDRESS`` (a submitted job) or start an embedded Ray."""
+    from mdlora.infra.log import quiet_ray_logs
+
+    quiet_ray_logs()  # before ray is imported: it reads its log filter then
     import ray
 
     if ray.is_initialized():
@@ -91,7 +96,7 @@ def run_workers(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
-        functools.partial(_entry, fn, faults.armed()),
+        functools.partial(_entry, _by_name(fn), faults.armed()),
         train_loop_config=config,
         scaling_config=ScalingConfig(
             num_workers=world_size, use_gpu=device == "cuda",
@@ -114,15 +119,31 @@ def run_workers(
     return RunResult(checkpoint=local, metrics=dict(result.metrics or {}), workdir=workdir)
 
 
-def _entry(fn: Callable[[dict], None], armed: dict[str, str], config: dict) -> None:
+def _by_name(fn: Callable[[dict], None]) -> Callable[[dict], None] | tuple[str, str]:
+    """``fn`` as ``(module, qualname)`` when it can be imported by that name, else ``fn``."""
+    try:
+        found = functools.reduce(getattr, fn.__qualname__.split("."), sys.modules[fn.__module__])
+    except (AttributeError, KeyError):  # a partial, a closure, a lambda: it travels as it is
+        return fn
+    return (fn.__module__, fn.__qualname__) if found is fn else fn
+
+
+def _entry(fn: Callable[[dict], None] | tuple[str, str], armed: dict[str, str], config: dict) -> None:
     """Every worker: the driver's armed test faults, quiet library loggers, mdlora progress on
-    rank 0 only, then ``fn``."""
+    rank 0 only, then ``fn``.
+
+    ``fn`` comes by name and is imported after the logging setup: importing a worker function's
+    module imports torchrec, whose fbgemm logs at INFO on import (see ``infra/log.py``).
+    """
     import ray.train
 
     from mdlora.infra.log import setup_logging
 
     faults.arm(armed)
     setup_logging(ray.train.get_context().get_world_rank())
+    if isinstance(fn, tuple):
+        module, name = fn
+        fn = functools.reduce(getattr, name.split("."), importlib.import_module(module))
     fn(config)
 
 

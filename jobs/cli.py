@@ -12,6 +12,7 @@ import errno
 import importlib
 import sys
 
+from mdlora import __version__
 from mdlora.config import ConfigError
 
 # name -> (module, one-line help). Order is the order of `mdlora --help`.
@@ -27,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrain": ("mdlora.jobs.retrain", "scheduled retrain of a window: warm-started backbone, rebased adapters, per-domain promotion gate"),
     "bundles": ("mdlora.jobs.bundles", "list, show, verify, promote or roll back registry versions (adapters, backbones)"),
     "submit": ("mdlora.jobs.submit", "submit any mdlora job to a Ray cluster (Ray Jobs API, token auth); --wait streams its logs"),
+    "config": ("mdlora.jobs.config", "show the defaults of a config kind (pretrain, adapt, retrain) with every field documented"),
 }
 
 
@@ -54,6 +56,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
         prog="mdlora",
         description="Multi-domain CTR training with per-domain LoRA adapters on TorchRec + Ray.",
     )
+    parser.add_argument("--version", action="version", version=f"mdlora {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -1,12 +1,15 @@
 """``mdlora plan``: the embedding sharding plan and per-rank memory for a topology you need not have.
 
-mdlora plan --config run.yaml --world-size 8 --device cuda --hbm-gb 80 [--json]
+mdlora plan [--config run.yaml] --world-size 8 --device cuda --hbm-gb 80 [--json]
+
+Without ``--config`` (or ``--set data.schema=FILE``) it plans ``configs/schema.yaml``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from mdlora.embeddings import sharding
@@ -15,10 +18,16 @@ from mdlora.embeddings.tables import build_ebc
 from mdlora.trainer.config import load_run_config
 from mdlora.trainer.recipes import plan_tables
 
+DEFAULT_SCHEMA = Path(__file__).resolve().parents[1] / "configs" / "schema.yaml"
+"""The schema planned without ``data.schema``: README's example schema, in a checkout's configs/."""
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``mdlora plan``."""
-    parser.add_argument("--config", help="run config YAML (data.schema names the schema)")
+    parser.add_argument(
+        "--config",
+        help="run config YAML (data.schema names the schema; default configs/schema.yaml)",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="config override"
     )
@@ -32,15 +41,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
+def find_schema(schema: str, config: str | None) -> Path:
+    """The schema file to plan: ``data.schema``, else the repository's :data:`DEFAULT_SCHEMA`.
+
+    A relative ``data.schema`` is read from the working directory, as ``mdlora pretrain`` reads
+    it, or else from the config file's directory.
+
+    Raises:
+        ValueError: no ``data.schema`` and no ``configs/schema.yaml`` (an installed package).
+    """
+    if not schema:
+        if not DEFAULT_SCHEMA.is_file():
+            raise ValueError(
+                "data.schema: no schema to plan; pass --config FILE (its data.schema) "
+                "or --set data.schema=FILE"
+            )
+        print(
+            f"mdlora plan: data.schema not given, planning {DEFAULT_SCHEMA} (README's example)",
+            file=sys.stderr,
+        )
+        return DEFAULT_SCHEMA
+    path = Path(schema)
+    if config and not path.is_absolute() and not path.exists():
+        path = Path(config).parent / path
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     """Plan the schema's tables for the topology and print the plan; ValueError when they do not fit."""
     cfg = load_run_config(args.config, args.set)
-    if not cfg.data.schema:
-        raise ValueError("data.schema: a schema path is required to plan")
-    schema_path = Path(cfg.data.schema)
-    if args.config and not schema_path.is_absolute():
-        schema_path = Path(args.config).parent / schema_path
-    schema = Schema.load(schema_path)
+    schema = Schema.load(find_schema(cfg.data.schema, args.config))
     world = args.world_size or cfg.dist.world_size
     device = args.device or cfg.dist.device
     if world < 1:

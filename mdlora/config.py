@@ -7,6 +7,9 @@ One mechanism for every config in mdlora:
   ``list[...]``, ``dict[str, ...]``, ``Literal[...]``, ``X | None`` and nested dataclasses);
 * ``__post_init__`` of each dataclass checks ranges and raises ``ValueError`` naming the field.
 
+Every field carries a docstring under it; :func:`defaults_yaml` prints the defaults with those
+docstrings as comments (``mdlora config show``).
+
 Example::
 
     cfg = load_config(RunConfig, "run.yaml", overrides=["optim.dense_lr=5e-4"])
@@ -14,7 +17,10 @@ Example::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -188,3 +194,85 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         return from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass ``cls`` and its dataclass bases.
+
+    Attribute docstrings are not kept at run time, so they are read from the class source with
+    ``ast``: a string statement right after an annotated assignment documents that field.
+
+    Returns:
+        ``{field name: cleaned docstring}`` for the documented fields (empty without source).
+    """
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, nxt in zip(body, body[1:], strict=False):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def defaults_yaml(cls: type, header: str = "") -> str:
+    """The defaults of config dataclass ``cls`` as YAML, each field's docstring a comment above it.
+
+    Section defaults come from the parent's ``default_factory`` (so an adapter run's ``loop``
+    shows its own epochs); a field without a default is written ``null`` and marked required.
+    With the required fields filled in, the text loads back into the defaults.
+
+    Args:
+        cls: a config dataclass (``RunConfig``, ``AdaptConfig``, ...).
+        header: comment lines put first (without ``#``).
+
+    Returns:
+        The YAML text.
+    """
+    lines = [f"# {line}".rstrip() for line in header.splitlines()]
+    return "\n".join(lines + _yaml_lines(cls, None, 0)) + "\n"
+
+
+def _yaml_lines(cls: type, obj: Any, depth: int) -> list[str]:
+    """Commented YAML lines of the fields of ``cls``, valued from ``obj`` (None: field defaults)."""
+    hints, docs, pad, lines = typing.get_type_hints(cls), field_docs(cls), "  " * depth, []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        value, tp = _value(f, obj), hints[f.name]
+        section = dataclasses.is_dataclass(tp)
+        doc = docs.get(f.name) or (_class_doc(tp) if section else "")
+        if value is dataclasses.MISSING:
+            doc = f"(required) {doc}"
+        lines += [""] if depth == 0 else []
+        lines += [f"{pad}# {line}".rstrip() for line in doc.splitlines()]
+        if section:
+            lines.append(f"{pad}{f.name}:")
+            lines += _yaml_lines(tp, value if dataclasses.is_dataclass(value) else None, depth + 1)
+        else:
+            value = None if value is dataclasses.MISSING else value
+            text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30)
+            text = text.removesuffix("...\n").strip()  # a plain scalar ends its document with ...
+            lines.append(f"{pad}{f.name}: {text}")
+    return lines
+
+
+def _value(f: dataclasses.Field, obj: Any) -> Any:
+    """The value of field ``f`` on ``obj``, or its default (``dataclasses.MISSING``: none)."""
+    if obj is not None:
+        return getattr(obj, f.name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _class_doc(cls: type) -> str:
+    """First paragraph of ``cls``'s own docstring ('' for the signature dataclass makes up)."""
+    doc = inspect.getdoc(cls) or ""
+    return "" if doc.startswith(f"{cls.__name__}(") else doc.split("\n\n")[0]

@@ -236,3 +236,36 @@ def test_domain_as_partition_key_and_integer_domain_column(tiny_schema_dict, tmp
     assert {
         int(d) for b in data.iter_batches(4, converter=BatchConverter(schema)) for d in b.domains
     } == {1}
+
+
+def test_side_files_beside_the_parquet_files_are_skipped(schema, logs):
+    root, table = logs
+    (root / "schema.yaml").write_text("name: tiny\n")
+    (root / "truth.json").write_text("{}")
+    (root / "_SUCCESS").write_text("")
+    (root / ".part-0.parquet.crc").write_bytes(b"\0")
+    (root / "_temporary").mkdir()
+    (root / "_temporary" / "part-9.parquet").write_bytes(b"half a file")
+    data = LogDataset(str(root), schema)
+    assert sorted(p.split("/")[-2] for p in data._ds.files) == [f"date={d}" for d in DAYS]
+    assert data.num_rows() == table.num_rows
+
+
+def test_a_directory_of_splits_names_the_split_to_point_at(schema, tmp_path):
+    root = tmp_path / "logs"
+    write_logs(root / "train")
+    write_logs(root / "test")
+    (root / "schema.yaml").write_text("name: tiny\n")
+    with pytest.raises(
+        LogReadError,
+        match=r"logs: a directory of splits \(train/, test/\), not one "
+        r"dataset: point at one of them, e.g. .*/logs/train$",
+    ):
+        LogDataset(str(root), schema)
+    assert LogDataset(str(root / "train"), schema).num_rows() == 107
+    (tmp_path / "side").mkdir()
+    (tmp_path / "side" / "schema.yaml").write_text("name: tiny\n")
+    with pytest.raises(
+        LogReadError, match=r"empty dataset \(no Parquet files; not Parquet: schema.yaml\)"
+    ):
+        LogDataset(str(tmp_path / "side"), schema)

@@ -7,7 +7,7 @@ import pytest
 
 from mdlora.embeddings.batch import BatchConverter
 from mdlora.embeddings.schema import Schema
-from mdlora.infra.logs import LogDataset, validate_dataset
+from mdlora.infra.logs import LogDataset, LogReadError, validate_dataset
 from mdlora.infra.storage import open_fs
 from tests.infra.test_logs import write_logs
 
@@ -52,3 +52,17 @@ def test_s3_round_trip(s3_env, tiny_schema_dict, tmp_path):
     assert validate_dataset(uri, schema)["rows"] == 107
     with pytest.raises(FileNotFoundError, match=f"{s3_env}/nothing"):
         LogDataset(f"{s3_env}/nothing", schema)
+
+
+@pytest.mark.integration
+def test_s3_side_files_are_skipped_and_splits_named(s3_env, tiny_schema_dict, tmp_path):
+    schema = Schema.from_dict(tiny_schema_dict)
+    write_logs(tmp_path / "logs" / "train")
+    (tmp_path / "logs" / "schema.yaml").write_text("name: tiny\n")
+    (tmp_path / "logs" / "train" / "_SUCCESS").write_text("")
+    fs, path = open_fs(f"{s3_env}/logs")
+    fs.put(str(tmp_path / "logs"), path, recursive=True)
+    assert fs.exists(f"{path}/train/_SUCCESS") and fs.exists(f"{path}/schema.yaml")
+    assert validate_dataset(f"{s3_env}/logs/train", schema)["rows"] == 107
+    with pytest.raises(LogReadError, match=rf"point at one of them, e.g. {s3_env}/logs/train"):
+        LogDataset(f"{s3_env}/logs", schema)

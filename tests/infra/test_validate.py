@@ -125,3 +125,15 @@ def test_cli_subprocess(schema_path, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "mdlora validate-logs: error:" in proc.stderr and "cut.parquet" in proc.stderr
     assert "domain" in proc.stdout
+
+
+def test_cli_on_the_directory_gen_logs_wrote(tmp_path, capsys):
+    from mdlora.infra.synth import generate
+
+    out = tmp_path / "logs"
+    generate(str(out), rows=2000, domains=2, seed=0, days=2, users=100, items=100)
+    schema = str(out / "schema.yaml")
+    assert main(["validate-logs", "--schema", schema, "--data", str(out / "train")]) == 0
+    assert main(["validate-logs", "--schema", schema, "--data", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"point at one of them, e.g. {out}/train" in err and "magic bytes" not in err

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from mdlora.config import ConfigError, apply_overrides, from_dict, load_config, to_dict
+from mdlora.config import (
+    ConfigError,
+    apply_overrides,
+    defaults_yaml,
+    field_docs,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from mdlora.trainer.config import RunConfig, load_run_config
 
 
@@ -64,3 +74,33 @@ def test_file_errors_name_the_file(tmp_path):
 
 def test_load_config_without_file_uses_defaults():
     assert load_config(RunConfig, None, ["loop.epochs=3"]).loop.epochs == 3
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Base:
+    a: int = 1
+    """The a.
+
+    Two paragraphs."""
+    b: str = ""
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Child(_Base):
+    c: list[int] = dataclasses.field(default_factory=lambda: [1, 2])
+    """The c."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Top:
+    child: _Child = dataclasses.field(default_factory=lambda: _Child(a=5))
+    need: str
+    """Must be set."""
+
+
+def test_field_docs_and_defaults_yaml():
+    assert field_docs(_Child) == {"a": "The a.\n\nTwo paragraphs.", "c": "The c."}
+    text = defaults_yaml(_Top, "head")
+    assert text.splitlines()[:3] == ["# head", "", "child:"]
+    assert "  # The a.\n  #\n  # Two paragraphs.\n  a: 5\n  b: ''\n  # The c.\n  c: [1, 2]\n" in text
+    assert text.endswith("# (required) Must be set.\nneed: null\n")

@@ -1,0 +1,36 @@
+"""``mdlora config show <kind>``: the defaults of a run config as YAML, each field's docstring a comment.
+
+A config file is a short diff over these defaults (``trainer/config.py``); the printed text
+loads back as it is (``retrain`` once ``gate.holdout`` is filled in).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from mdlora.config import defaults_yaml
+from mdlora.trainer.config import AdaptConfig, RetrainConfig, RunConfig
+
+KINDS: dict[str, tuple[type, str]] = {
+    "pretrain": (RunConfig, "mdlora pretrain --config FILE (and mdlora plan)"),
+    "adapt": (AdaptConfig, "mdlora adapt / add-domain / score --config FILE"),
+    "retrain": (RetrainConfig, "mdlora retrain --config FILE --window START..END"),
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the actions of ``mdlora config``."""
+    actions = parser.add_subparsers(dest="action", metavar="<action>", required=True)
+    show = actions.add_parser("show", help="print the defaults of a config kind as commented YAML")
+    show.add_argument("kind", choices=list(KINDS), help="which config: " + ", ".join(KINDS))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the defaults of ``args.kind``."""
+    cls, used_by = KINDS[args.kind]
+    header = (
+        f"{args.kind} config defaults ({cls.__name__}, trainer/config.py), read by {used_by}.\n"
+        "A config file sets only what differs; unknown keys are errors."
+    )
+    print(defaults_yaml(cls, header), end="")
+    return 0
