@@ -47,6 +47,8 @@ class BackboneManifest:
     """Artefact kind."""
     name: str
     """Backbone (model) name in the registry."""
+    version: str = ""
+    """Registry version ``vNNNN``; empty until :meth:`Registry.publish` allocates one."""
     schema_hash: str
     """``Schema.content_hash()`` of the schema it was trained with."""
     step: int
