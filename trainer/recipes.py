@@ -129,8 +129,8 @@ def build_frozen(backbone: RunConfig, dist: DistConfig, env: DistEnv, schema: Sc
     """A published backbone, sharded over the process group like pretraining and frozen.
 
     The tables are planned under ``dist`` (any world size: DCP reshards ``checkpoint``), the
-    fused kernel gets plain SGD (no optimiser state) and is never stepped, no dense optimiser is
-    made, and every parameter is frozen.
+    fused kernel gets plain SGD (no optimiser state) and is never stepped, and no dense optimiser
+    is made: nothing can update it (callers run it under ``torch.no_grad``).
 
     Args:
         backbone: the config the backbone was pretrained with (its architecture).
@@ -147,7 +147,6 @@ def build_frozen(backbone: RunConfig, dist: DistConfig, env: DistEnv, schema: Sc
     _, _, model = _sharded(schema, backbone.model, dist, env, batch_size, "sgd", backbone.optim.sparse_lr)
     task = model.module  # the sharded CTRTask without its wrappers: weights only, no optimiser state
     ckpt.read_shards(Path(checkpoint), task)
-    task.requires_grad_(False)
     return task.backbone.eval()
 
 
