@@ -133,6 +133,17 @@ def peak_rss_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
+def rss_mb(pid: int) -> float:
+    """Current resident set size (``VmRSS``) in MiB; 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def descendants(root: int) -> list[int]:
     """Pids of every live descendant of ``root`` (from /proc/*/stat parent links)."""
     parent: dict[int, int] = {}
@@ -274,7 +285,9 @@ def launch(
 
     Returns:
         ``{"rc", "t_launch", "wall", "lines": [(unix time, text)], "rss": {pid: MiB},
-        "nice": {pid: nice}, "seen": {pid: [first, last] unix time}, "cpu": [(unix time,
+        "nice": {pid: nice}, "seen": {pid: [first, last] unix time}, "rss_root": the launched
+        process's own peak MiB, "rss_tree_peak": the largest sum of VmRSS over it and all its
+        descendants at one poll, "cpu": [(unix time,
         watched CPU-s, other CPU-s)], "cpu_s": {"watched": s, "other": s}, "load": [1-min load
         at start, at end]}`` (CPU of the descendants seen by the poller).
     """
@@ -299,13 +312,17 @@ def launch(
     cpu: dict[int, tuple[bool, float]] = {}
     timeline: list[tuple[float, float, float]] = []
     pending, spies = list(profiles), []
+    rss_root, rss_tree = 0.0, 0.0
     reader = threading.Thread(
         target=lambda: lines.extend((time.time(), ln) for ln in proc.stdout), daemon=True
     )
     reader.start()
     while proc.poll() is None and time.time() - t0 < timeout:
         now = time.time()
-        for pid in [proc.pid, *descendants(proc.pid)] if watch else []:
+        tree = [proc.pid, *descendants(proc.pid)] if watch else []
+        rss_root = max(rss_root, peak_rss_mb(proc.pid))
+        rss_tree = max(rss_tree, sum(rss_mb(p) for p in tree))
+        for pid in tree:
             hit = watch in cmdline(pid)
             was = cpu.get(pid, (False, 0.0))
             cpu[pid] = (hit or was[0], max(was[1], cpu_seconds(pid)))
@@ -341,6 +358,8 @@ def launch(
         "wall": time.time() - t0,
         "lines": lines,
         "rss": rss,
+        "rss_root": rss_root,
+        "rss_tree_peak": rss_tree,
         "nice": nices,
         "seen": seen,
         "cpu": timeline,

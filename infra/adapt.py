@@ -3,16 +3,18 @@
 Pipeline (the design is in README "Adapters"):
 
 1. **Materialise once, sharded.** A Ray Train job (``dist.world_size`` gloo workers) builds the
-   backbone exactly as pretraining does (meta EBC -> plan -> DMP; fused optimiser ``sgd``, so no
-   optimiser state), loads the published DCP shards (any world size), and runs the frozen
-   ``Backbone.embed`` over its share of each split. Every rank writes ``<split>-rank<r>``
-   safetensors (x [n, E] f32, labels, domains, aux) into its Ray checkpoint; Ray commits the
-   ranks' files as one checkpoint under ``output.run_dir`` (the feature cache). Rank 0 also
-   writes the head (tower + output) weights. No worker holds a full copy of the tables.
-2. **Train.** MLoRA: domains are partitioned over Ray tasks (``train.tasks``, default one per
-   CPU), each training its domains independently (:func:`mdlora.trainer.adapt.train_mlora`).
-   MultiLoRA: one joint run (shared aux LoRAs).
-3. **Publish** one bundle per domain and promote it when the domain has no production yet.
+   frozen backbone as pretraining shards it (:func:`mdlora.trainer.recipes.build_frozen`: any
+   world size, no optimiser state) and runs ``Backbone.embed`` over its share of each split.
+   Every rank writes its rows one file per (split, domain) into its Ray checkpoint, which Ray
+   commits under ``output.run_dir`` (local, shared FS or s3://): the feature cache
+   (:mod:`mdlora.infra.features`). No worker holds a full copy of the tables, and the driver
+   reads only the ranks' row counts: no row passes through it.
+2. **Train** in Ray tasks, each reading only its own domains' files from the cache. MLoRA:
+   domains partitioned over ``train.tasks`` tasks (default one per CPU) with equal training
+   rows, each domain trained independently (:func:`mdlora.trainer.adapt.train_mlora`);
+   MultiLoRA: one joint task (shared aux LoRAs).
+3. **Publish** one bundle per domain and promote it when the domain has no production yet; then
+   remove the run's directory with its cache (``output.keep_features`` keeps it).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from mdlora.config import from_dict, to_dict
 from mdlora.embeddings.batch import BatchConverter
@@ -43,16 +44,17 @@ from mdlora.infra.artifacts import (
     open_bundles,
     write_bundle,
 )
+from mdlora.infra import features
+from mdlora.infra.features import FeatureCache
 from mdlora.infra.logs import LogDataset
-from mdlora.infra.runs import cache_dir, check_cpus, check_outputs, load_schema, resolve_paths
+from mdlora.infra.runs import cache_dir, check_cpus, check_outputs, load_schema, remove_run, resolve_paths
 from mdlora.infra.storage import open_fs
-from mdlora.trainer.adapt import DomainResult, Features, Head, materialise, train_mlora, train_multilora
+from mdlora.trainer.adapt import DomainResult, Head, materialise, train_mlora, train_multilora
 from mdlora.trainer.backbone import build_backbone
 from mdlora.trainer.config import AdaptConfig, RunConfig, local_batch
 from mdlora.trainer.recipes import build_frozen
 
 log = logging.getLogger("mdlora.adapt")
-HEAD = "head.safetensors"  # the feature cache's frozen head (a run file, not published)
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")  # buffers, not parameters
 
 
@@ -92,32 +94,24 @@ def materialise_worker(config: dict) -> None:
     conv, local = BatchConverter(schema), local_batch(cfg.data.batch_size, env.world_size)
 
     def save(directory: Path) -> None:
+        index: dict[str, int] = {}
         for i, source in enumerate(config["sources"]):
             for split, uri in source["splits"].items():
                 data = LogDataset(uri, schema, window=cfg.data.window, domains=source["domains"])
                 feats = materialise(backbone, data.iter_batches(
                     local, rank=env.rank, world_size=env.world_size, shuffle=False, drop_last=False,
                     prefetch=cfg.data.prefetch, converter=conv))
-                save_file(dict(zip(("x", "labels", "domains", "aux"), feats.tensors(), strict=True)),
-                          str(directory / f"s{i}-{split}-rank{env.rank:05d}.safetensors"))
-        if env.is_main:
-            save_file(Head.of(backbone).state_dict(), str(directory / HEAD))
+                features.write_rank(directory, i, split, feats, schema.domain.values, env.rank, index)
+        features.write_index(directory, env.rank, index, Head.of(backbone) if env.is_main else None)
 
     ray_backend.report({"rank": env.rank}, save)
 
 
-def load_features(directory: Path, split: str, width: int, aux: int) -> Features:
-    """Concatenate the ranks' cached features of one split (rank order)."""
-    parts = [Features(*(load_file(str(p))[k] for k in ("x", "labels", "domains", "aux")))
-             for p in sorted(directory.glob(f"{split}-rank*.safetensors"))]
-    return Features.cat(parts, width, aux)
-
-
 def materialise_sources(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, sources: list[Source],
-                        name: str) -> tuple[dict[str, Features], Head]:
-    """Run one sharded materialisation job over every source; returns the features per split
-    (``train``, ``validation``, ``test``: the sources' rows together, ``all`` splits divided 9:1)
-    and the frozen head."""
+                        name: str, width: int) -> tuple[FeatureCache, str]:
+    """Run one sharded materialisation job over every source; returns where its features are
+    (with each domain's rows per split; ``all`` splits divided 9:1) and the run's directory.
+    ``width`` is E, the width of the backbone's embedding-layer output."""
     ray_backend.init_ray(cfg.dist.address)
     ray_backend.check_cluster(cfg.dist.world_size, cfg.dist.cpus_per_worker, cfg.dist.device)
     result = ray_backend.run_workers(
@@ -125,45 +119,44 @@ def materialise_sources(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema
         {"adapt": to_dict(cfg), "run": to_dict(backbone.run), "schema": schema.to_dict(),
          "backbone": str(backbone.path), "sources": [to_dict(src) for src in sources]},
         world_size=cfg.dist.world_size, device=cfg.dist.device, cpus_per_worker=cfg.dist.cpus_per_worker,
-        max_failures=cfg.dist.max_failures, storage_path=cfg.output.run_dir, name=name, keep=1)
-    try:
-        if result.checkpoint is None:
-            raise RuntimeError("materialisation finished without writing features")
-        model = build_backbone(schema, backbone.run.model, build_ebc(schema, "meta"))
-        head = Head.of(model)
-        head.load_state_dict(load_file(str(result.checkpoint / HEAD)))
-        width, aux = model.input_dim, len(schema.aux)
-        parts = []
-        for i, src in enumerate(sources):
-            feats = {s: load_features(result.checkpoint, f"s{i}-{s}", width, aux) for s in src.splits}
-            parts.append(feats["all"].split(cfg.loop.seed) if "all" in feats else feats)
-        names = [s for s in ("train", "validation", "test") if any(s in p for p in parts)]
-        return {s: Features.cat([p[s] for p in parts if s in p], width, aux) for s in names}, head
-    finally:
-        shutil.rmtree(result.workdir, ignore_errors=True)
+        max_failures=cfg.dist.max_failures, storage_path=cfg.output.run_dir, name=name, keep=1, local_copy=False)
+    shutil.rmtree(result.workdir, ignore_errors=True)
+    if result.uri is None:
+        raise RuntimeError("materialisation finished without writing features")
+    return features.read_index(result.uri, width, len(schema.aux)), result.run_uri
 
 
 # ---- 2. train ---------------------------------------------------------------------------------
 
 
-def _mlora_task(item: dict) -> list[DomainResult]:
-    """Ray task: train a partition of the MLoRA domains (module-level for pickling)."""
-    return train_mlora(item["head"], item["lora"], item["vocab"], item["domains"], item["splits"],
-                       item["train"], item["loop"])
+def _train_task(item: dict) -> tuple[list[DomainResult], dict]:
+    """Ray task: load this task's domains' features from the cache and train them (module-level
+    for pickling). MLoRA: each domain independently; MultiLoRA: jointly (shared aux LoRAs)."""
+    cache, cfg, vocab = item["cache"], item["cfg"], item["vocab"]
+    head = cache.head(item["head"])
+    splits = cache.load(item["domains"], cfg.loop.seed)
+    if item["aux"] is None:
+        return train_mlora(head, cfg.lora, vocab, item["domains"], splits, cfg.train, cfg.loop), {}
+    col, values = item["aux"]
+    return train_multilora(head, cfg.lora, vocab, item["domains"], values, col, splits, cfg.train, cfg.loop,
+                           item["shared"])
 
 
-def train_domains(cfg: AdaptConfig, head: Head, schema: Schema, domains: list[str],
-                  splits: dict[str, Features], shared: dict | None = None) -> tuple[list[DomainResult], dict]:
-    """Train every domain's adapter; MLoRA domains over parallel Ray tasks (largest first)."""
+def train_domains(cfg: AdaptConfig, head: Head, schema: Schema, domains: list[str], cache: FeatureCache,
+                  shared: dict | None = None) -> tuple[list[DomainResult], dict]:
+    """Train every domain's adapter in Ray tasks that read their own rows from ``cache``: MLoRA
+    domains partitioned over ``train.tasks`` tasks (equal rows, largest first), MultiLoRA in one.
+    ``head`` is the architecture; each task loads the frozen weights from the cache."""
     vocab = schema.domain.values
+    base = {"cache": cache, "cfg": cfg, "vocab": vocab, "head": head, "aux": None, "shared": shared}
     if cfg.lora.method == "multilora":
         aux = next((i for i, a in enumerate(schema.aux) if a.name == cfg.lora.aux), None)
         if aux is None:
             raise ValueError(f"lora.aux: {cfg.lora.aux!r} is not an aux division of the schema "
                              f"({[a.name for a in schema.aux]})")
-        return train_multilora(head, cfg.lora, vocab, domains, schema.aux[aux].values, aux, splits,
-                               cfg.train, cfg.loop, shared)
-    rows = {d: int((splits["train"].domains == vocab.index(d)).sum()) for d in domains}
+        (out,) = ray_backend.map_tasks(_train_task, [base | {"domains": domains, "aux": (aux, schema.aux[aux].values)}])
+        return out
+    rows = {d: cache.rows.get(d, {}).get("train", 0) for d in domains}
     n = min(len(domains), cfg.train.tasks or ray_backend.available_cpus())
     groups: list[list[str]] = [[] for _ in range(n)]
     load = [0] * n
@@ -171,14 +164,8 @@ def train_domains(cfg: AdaptConfig, head: Head, schema: Schema, domains: list[st
         k = int(np.argmin(load))
         groups[k].append(d)
         load[k] += rows[d]
-    items = []
-    for group in groups:
-        ids = torch.tensor([vocab.index(d) for d in group])
-        part = {s: f.select(torch.isin(f.domains, ids)) for s, f in splits.items()}
-        items.append({"head": head, "lora": cfg.lora, "vocab": vocab, "domains": group, "splits": part,
-                      "train": cfg.train, "loop": cfg.loop})
-    out = [_mlora_task(items[0])] if n == 1 else ray_backend.map_tasks(_mlora_task, items)
-    by_domain = {r.domain: r for results in out for r in results}
+    out = ray_backend.map_tasks(_train_task, [base | {"domains": g} for g in groups])
+    by_domain = {r.domain: r for results, _ in out for r in results}
     return [by_domain[d] for d in domains], {}
 
 
@@ -241,24 +228,28 @@ def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, sources: list
          shared: dict | None, promote_new: bool = True, run: str = "") -> dict:
     t0 = time.time()
     name = f"adapt-{cfg.output.model}-{int(t0)}-{uuid.uuid4().hex[:8]}"  # concurrent jobs: own run dirs
-    feats, head = materialise_sources(cfg, backbone, schema, sources, name)
+    model = build_backbone(schema, backbone.run.model, build_ebc(schema, "meta"))
+    head = Head.of(model)  # the architecture: the tasks load its frozen weights from the cache
+    cache, run_dir = materialise_sources(cfg, backbone, schema, sources, name, model.input_dim)
     domains = [d for src in sources for d in src.domains]
     t1 = time.time()
-    counts = {d: int((feats["train"].domains == schema.domain.index(d)).sum()) for d in domains}
+    counts = {d: cache.rows.get(d, {}).get("train", 0) for d in domains}
     empty = sorted(d for d, n in counts.items() if n == 0)
     trained = [d for d in domains if counts[d] > 0]
     if not trained:
         raise NoTrainingRows(f"no training rows for any of the domains {domains} in "
                              f"{[src.splits for src in sources]}"
                              + (f" in the window {cfg.data.window}" if cfg.data.window else ""))
-    results, shared_out = train_domains(cfg, head, schema, trained, feats, shared)
+    results, shared_out = train_domains(cfg, head, schema, trained, cache, shared)
     t2 = time.time()
     windows = {d: {"window": cfg.data.window or "all", **src.splits} for src in sources for d in src.domains}
     bundles = publish(cfg, backbone, schema, head, results, shared_out if shared is None else shared, windows,
                       promote_new, run)
+    if not cfg.output.keep_features:  # published: the cache has served its purpose
+        remove_run(run_dir)
     return {"backbone": {"name": backbone.name, "version": backbone.version, "content_hash": backbone.content_hash},
             "method": cfg.lora.method, "bundles": bundles, "skipped_no_rows": empty,
-            "rows": {s: len(f) for s, f in feats.items()},
+            "rows": {s: cache.count(s) for s in features.SPLITS if cache.count(s) or s == "train"},
             "seconds": {"materialise": round(t1 - t0, 2), "train": round(t2 - t1, 2), "total": round(time.time() - t0, 2)}}
 
 

@@ -40,11 +40,16 @@ class RunResult:
     """What a finished Ray Train run left behind."""
 
     checkpoint: Path | None
-    """Local copy of the chosen checkpoint (best by ``score`` when given, else latest)."""
+    """Local copy of the chosen checkpoint (best by ``score`` when given, else latest); None
+    when there is none or ``local_copy`` was off."""
     metrics: dict
     """The last metrics reported by rank 0."""
     workdir: Path
     """Temp dir holding ``checkpoint``; the caller removes it."""
+    uri: str | None = None
+    """Where the chosen checkpoint is stored (a local path or s3://), for readers that stream it."""
+    run_uri: str = ""
+    """The run's directory under ``storage_path`` (its checkpoints and Ray's run state)."""
 
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> None:
@@ -74,6 +79,7 @@ def init_ray(address: str = "", num_cpus: int | None = None) -> None:
 def run_workers(
     fn: Callable[[dict], None], config: dict, *, world_size: int, device: str, cpus_per_worker: int,
     max_failures: int, storage_path: str, name: str, score: str | None = None, keep: int = 3,
+    local_copy: bool = True,
 ) -> RunResult:
     """Run ``fn(config)`` on ``world_size`` Ray Train workers; return the chosen checkpoint.
 
@@ -88,9 +94,10 @@ def run_workers(
         name: run name (a subdirectory of ``storage_path``; reusing it resumes that run).
         score: metric that ranks checkpoints (max is best); None keeps the latest.
         keep: checkpoints kept (the latest is always kept too).
+        local_copy: copy the chosen checkpoint to a local temp dir (off: read it at ``uri``).
 
     Returns:
-        A :class:`RunResult` with a local copy of the best (or latest) checkpoint.
+        A :class:`RunResult` with the best (or latest) checkpoint.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -115,8 +122,11 @@ def run_workers(
     if score and result.best_checkpoints:
         chosen = result.get_best_checkpoint(metric=score, mode="max") or chosen
     workdir = Path(tempfile.mkdtemp(prefix="mdlora-ckpt-"))
-    local = Path(chosen.to_directory(str(workdir / "checkpoint"))) if chosen else None
-    return RunResult(checkpoint=local, metrics=dict(result.metrics or {}), workdir=workdir)
+    local = Path(chosen.to_directory(str(workdir / "checkpoint"))) if chosen and local_copy else None
+    s3 = storage_path.startswith("s3://")
+    uri = None if chosen is None else ("s3://" + chosen.path.lstrip("/") if s3 else chosen.path)
+    run_uri = f"{storage_path.rstrip('/')}/{name}" if s3 else os.path.join(_storage(storage_path), name)
+    return RunResult(checkpoint=local, metrics=dict(result.metrics or {}), workdir=workdir, uri=uri, run_uri=run_uri)
 
 
 def _by_name(fn: Callable[[dict], None]) -> Callable[[dict], None] | tuple[str, str]:
@@ -213,7 +223,7 @@ def map_tasks(fn: Callable, items: list, num_cpus: int = 1) -> list:
 
     Args:
         fn: a module-level (picklable) function of one argument.
-        items: its arguments (large tensors are shipped through the object store).
+        items: its arguments (small: large data is read by the task itself).
         num_cpus: CPUs reserved per task.
 
     Returns:

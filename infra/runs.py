@@ -71,3 +71,11 @@ def cache_dir(run_dir: str) -> Path:
     if is_s3(run_dir):
         return Path(tempfile.gettempdir()) / "mdlora-cache"
     return Path(run_dir) / "cache"
+
+
+def remove_run(uri: str) -> None:
+    """Remove a finished run's directory (its checkpoints, feature cache and Ray's run state),
+    local or on S3; a missing one is not an error."""
+    fs, path = open_fs(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)

@@ -269,6 +269,9 @@ class AdaptOutputConfig(OutputConfig):
 
     backbone: str = "production"
     """Backbone version to adapt: an alias (``production``, ``latest``) or ``vNNNN``."""
+    keep_features: bool = False
+    """Keep the run's feature cache (the frozen backbone's output of every row, under
+    ``run_dir``) after its bundles are published; by default it is removed then."""
 
     def __post_init__(self) -> None:
         if not self.backbone:

@@ -64,11 +64,18 @@ def world(ray_local, tmp_path_factory):
     config.write_text("\n".join(f"# --set {o}" for o in overrides))  # documents the run
     cfg = load_adapt_config(None, overrides)
     backbone_before = _tree_hashes(reg / "backbones")
+    runs_before = set((reg / "runs").iterdir())
     summary = adapt(cfg)
+    runs_after = set((reg / "runs").iterdir())
     yield {"base": base, "logs": logs, "reg": reg, "cfg": cfg, "overrides": overrides, "summary": summary,
-           "backbone_before": backbone_before,
+           "backbone_before": backbone_before, "new_runs": runs_after - runs_before,
            "truth": json.loads((logs / "truth.json").read_text())}
     shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_published_run_leaves_no_feature_cache_behind(world):
+    assert world["new_runs"] == set(), world["new_runs"]  # its run dir (checkpoint, cache) is removed
+    assert world["summary"]["rows"]["train"] > 0 and world["summary"]["rows"]["test"] > 0
 
 
 def test_adapt_publishes_one_promoted_bundle_per_domain_and_beats_the_frozen_backbone(world):
