@@ -274,10 +274,11 @@ def evaluate(cfg: RetrainConfig, state: dict, record: Record, cache: Path) -> di
 
 
 def _side(scorer: Scorer, scores: dict, domain: str) -> dict:
-    """What served ``domain`` on one side (adapter, backbone) and its holdout figures."""
+    """What served ``domain`` on one side (adapter, backbone) and its holdout figures (AUC, LogLoss,
+    NE, calibration: :mod:`mdlora.trainer.metrics`)."""
     r = scores.get(domain, {})
     return {"adapter": scorer.versions.get(domain), "backbone": scorer.backbone_of.get(domain, scorer.info.version),
-            "rows": r.get("rows", 0), "auc": r.get("auc"), "logloss": r.get("logloss")}
+            "rows": r.get("rows", 0)} | {k: r.get(k) for k in ("auc", "logloss", "ne", "calibration")}
 
 
 def _decide(cfg: RetrainConfig, r: dict, state: dict, domain: str) -> tuple[str, str]:
@@ -311,13 +312,15 @@ def markdown(report: dict) -> str:
              f"{report['production_backbone']} ({'promoted' if report['backbone_promoted'] else 'kept'}).", "",
              f"Gate: {report['gate']['metric']} on `{report['gate']['holdout']}`, tolerance "
              f"{report['gate']['tolerance']:g}.", "",
-             "| domain | holdout rows | champion | AUC | LogLoss | challenger | AUC | LogLoss | decision | reason |",
-             "|---|---:|---|---:|---:|---|---:|---:|---|---|"]
+             "| domain | holdout rows | champion | AUC | LogLoss | NE | Calibration "
+             "| challenger | AUC | LogLoss | NE | Calibration | decision | reason |",
+             "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|---|"]
     for d, r in report["domains"].items():
         old, new = r["champion"], r["challenger"]
-        name = lambda s: f"{s['adapter'] or 'backbone only'} @ {s['backbone']}"  # noqa: E731
-        lines.append(f"| {d} | {old['rows']:,} | {name(old)} | {f(old['auc'])} | {f(old['logloss'])} | {name(new)} | "
-                     f"{f(new['auc'])} | {f(new['logloss'])} | {r['decision']} | {r['reason']} |")
+        # .get: a run resumed from a state.json written before NE and calibration were recorded
+        side = lambda s: (f"{s['adapter'] or 'backbone only'} @ {s['backbone']} | "  # noqa: E731
+                          + " | ".join(f(s.get(k)) for k in ("auc", "logloss", "ne", "calibration")))
+        lines.append(f"| {d} | {old['rows']:,} | {side(old)} | {side(new)} | {r['decision']} | {r['reason']} |")
     own = {d: r["holdout"] for d, r in report["domains"].items()
            if r.get("holdout") and r["holdout"] != report["gate"]["holdout"]}
     if own:

@@ -42,6 +42,7 @@ from mdlora.trainer.metrics import DomainMetrics, format_table
 from mdlora.trainer.recipes import load_unsharded
 
 ROWS = 65536
+SCORES = ("auc", "logloss", "ne", "calibration")  # per-domain figures of a labelled summary
 
 
 @dataclass
@@ -193,7 +194,9 @@ class Scorer:
 
         Returns:
             ``{"rows", "fallback_rows", "backbone", "domains": {name: {"rows", "adapter_version",
-            "backbone_version", "auc", "logloss"}}, "auc", "out"}`` (AUCs only when labels exist).
+            "backbone_version", "auc", "logloss", "ne", "calibration"}}, "auc", "logloss", "ne",
+            "calibration", "wauc", "table", "out"}`` (metrics and table only when labels exist;
+            definitions in :mod:`mdlora.trainer.metrics`).
         """
         fs, path = open_fs(data)
         if not fs.exists(path):
@@ -237,8 +240,8 @@ class Scorer:
                      torch.from_numpy(ids))
             metrics = m.compute(gather=False)
             for n in names:
-                summary["domains"][n] |= {k: metrics["domains"][n][k] for k in ("auc", "logloss")}
-            summary |= {"auc": metrics["auc"], "wauc": metrics["wauc"], "table": format_table(metrics)}
+                summary["domains"][n] |= {k: metrics["domains"][n][k] for k in SCORES}
+            summary |= {k: metrics[k] for k in (*SCORES, "wauc")} | {"table": format_table(metrics)}
         return summary
 
 

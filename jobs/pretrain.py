@@ -30,5 +30,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"backbone {summary['name']} {summary['version']} at {summary['path']}")
         print(f"  content hash {summary['content_hash']}  steps {summary['step']}  {summary['seconds']} s")
         if m.get("wauc") is not None:
-            print(f"  validation WAUC {m['wauc']:.4f}  AUC {m['auc']:.4f}  LogLoss {m['logloss']:.4f}")
+            ne = f"  NE {m['ne']:.4f}  calibration {m['calibration']:.4f}" if m.get("ne") is not None else ""
+            print(f"  validation WAUC {m['wauc']:.4f}  AUC {m['auc']:.4f}  LogLoss {m['logloss']:.4f}{ne}")
     return 0

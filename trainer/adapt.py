@@ -22,8 +22,8 @@ adapter must then beat the backbone on the second, unseen half in ``confidence``
 resamples (:func:`gain_confidence`); otherwise the domain serves the backbone exactly.
 Validation runs at the end of each epoch and, with ``eval_every``, every N steps.
 
-Metrics per domain and split (``validation``, ``test``): AUC and LogLoss of the frozen head
-alone and with the adapter, and the sample count.
+Metrics per domain and split (``validation``, ``test``): AUC, LogLoss, NE and calibration
+(:mod:`mdlora.trainer.metrics`) of the frozen head alone and with the adapter, and the sample count.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class DomainResult:
     state: dict[str, Tensor]
     """The domain's adapter tensors at its best epoch (:meth:`AdaptedModel.state_for`)."""
     metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    """Per split: ``auc_backbone``, ``auc_adapter``, ``logloss_backbone``, ``logloss_adapter``, ``samples``."""
+    """Per split: ``{m}_backbone`` and ``{m}_adapter`` for m in auc, logloss, ne, calibration; ``samples``."""
     train_samples: int = 0
     best_epoch: int = 0
     """Epoch (1-based) whose state was kept; 0: the initial (zero-update) state."""
@@ -98,7 +98,7 @@ def domain_seed(seed: int, domain: str) -> int:
 
 
 def _score(probs: Tensor, labels: Tensor) -> dict:
-    """``{"auc", "logloss", "n", "pos_rate"}`` of one group of rows."""
+    """``{"auc", "logloss", "ne", "calibration", "n", "pos_rate"}`` of one group of rows."""
     m = DomainMetrics(["d"])
     m.update(probs, labels, torch.zeros_like(labels, dtype=torch.long))
     return m.compute(gather=False)["domains"]["d"]
@@ -113,7 +113,8 @@ def compare(base: Tensor, adapted: Tensor, labels: Tensor) -> dict[str, float | 
     """Metrics of one split: frozen backbone vs adapter."""
     b, a = _score(base, labels), _score(adapted, labels)
     return {"auc_backbone": b["auc"], "auc_adapter": a["auc"], "logloss_backbone": b["logloss"],
-            "logloss_adapter": a["logloss"], "samples": b["n"]}
+            "logloss_adapter": a["logloss"], "ne_backbone": b["ne"], "ne_adapter": a["ne"],
+            "calibration_backbone": b["calibration"], "calibration_adapter": a["calibration"], "samples": b["n"]}
 
 
 def gain_confidence(base: Tensor, adapted: Tensor, labels: Tensor, resamples: int, seed: int) -> float | None:

@@ -194,10 +194,12 @@ def _validate_and_report(model, env, hooks, domains, state, cfg, save) -> bool:
         else:
             state.evals_since_best += 1
         stop = bool(cfg.patience) and state.evals_since_best >= cfg.patience
-        metrics.update(wauc=val["wauc"], auc=val["auc"], logloss=val["logloss"], val=val)
+        metrics.update(wauc=val["wauc"], auc=val["auc"], logloss=val["logloss"], ne=val["ne"],
+                       calibration=val["calibration"], val=val)
         if env.is_main:
-            log.info("step %d validation: WAUC %.4f AUC %.4f LogLoss %.4f%s", state.step,
-                     val["wauc"] or float("nan"), val["auc"] or float("nan"), val["logloss"],
+            nan = float("nan")
+            log.info("step %d validation: WAUC %.4f AUC %.4f LogLoss %.4f NE %.4f%s", state.step,
+                     val["wauc"] or nan, val["auc"] or nan, val["logloss"], val["ne"] or nan,
                      " (early stop)" if stop else "")
     state.history.append(metrics)
     hooks.report(metrics, lambda d: save(d, state))

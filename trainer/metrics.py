@@ -1,4 +1,4 @@
-"""Exact per-domain CTR metrics: AUC, log loss, row count and positive rate per domain.
+"""Exact per-domain CTR metrics: AUC, log loss, NE, calibration, row count and positive rate.
 
 Rows (probability, label, domain id) are kept on CPU. At :meth:`DomainMetrics.compute`,
 when ``torch.distributed`` is initialised, every rank's rows are gathered
@@ -11,6 +11,17 @@ Definitions (K domains, n_k rows of domain k):
 - ``logloss``: mean BCE with probabilities clipped to [1e-7, 1 - 1e-7]; ``None`` without rows.
 - ``wauc = sum_k n_k auc_k / sum_k n_k`` over domains whose AUC is defined: domains with a
   single class (or no rows) are left out of the weights; ``None`` when no domain has an AUC.
+- ``ne`` (normalised entropy, TorchRec ``torchrec/metrics/ne.py``, unit weights, eta = 1e-12):
+  ``NE = sum_i CE(p_i, y_i) / -(P log2 q + N log2 (1 - q))`` with
+  ``CE(p, y) = -y log2 p' - (1 - y) log2 (1 - p')``, ``p' = clip(p, eta, 1 - eta)``, P positives,
+  N negatives and base rate ``q = clip(P / (P + N), eta, 1 - eta)``; that is, the mean log loss
+  over the entropy of the base rate (the log base cancels). NE < 1: better than predicting the
+  base rate for every row. TorchRec clips at 1e-12, not 1e-7 as ``logloss`` does, so
+  ``ne = logloss / H(q)`` only while no probability lies within 1e-7 of 0 or 1. ``None`` when
+  the rows hold a single class (or none): the entropy is 0 (TorchRec returns a huge number).
+- ``calibration`` (TorchRec ``torchrec/metrics/calibration.py``, unit weights):
+  ``sum_i p_i / P``, unclipped probabilities; 1 means as many clicks predicted as seen.
+  ``None`` without positives (TorchRec returns 0).
 """
 
 from __future__ import annotations
@@ -21,16 +32,39 @@ import torch.distributed as dist
 from sklearn.metrics import log_loss, roc_auc_score
 
 _EPS = 1e-7
+_ETA = 1e-12  # TorchRec NEMetricComputation.eta
+
+
+def _ne(probs: np.ndarray, labels: np.ndarray) -> float:
+    """TorchRec's NE of rows holding both classes (``compute_ne`` with unit weights)."""
+    p = np.clip(probs, _ETA, 1 - _ETA)
+    ce_sum = np.sum(-labels * np.log2(p) - (1.0 - labels) * np.log2(1.0 - p))
+    pos, neg = labels.sum(), (1.0 - labels).sum()
+    q = np.clip(pos / max(pos + neg, _ETA), _ETA, 1 - _ETA)
+    return float(ce_sum / (-pos * np.log2(q) - neg * np.log2(1.0 - q)))
 
 
 def _scores(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """``{"auc", "logloss", "n", "pos_rate"}`` of one group of rows."""
-    n = int(labels.shape[0])
+    """``{"auc", "logloss", "ne", "calibration", "n", "pos_rate"}`` of one group of rows."""
+    n, pos = int(labels.shape[0]), float(labels.sum())
     if n == 0:
-        return {"auc": None, "logloss": None, "n": 0, "pos_rate": None}
-    auc = float(roc_auc_score(labels, probs)) if 0 < labels.sum() < n else None
-    ll = float(log_loss(labels, np.clip(probs, _EPS, 1 - _EPS), labels=[0, 1]))
-    return {"auc": auc, "logloss": ll, "n": n, "pos_rate": float(labels.mean())}
+        return {
+            "auc": None,
+            "logloss": None,
+            "ne": None,
+            "calibration": None,
+            "n": 0,
+            "pos_rate": None,
+        }
+    both = 0 < pos < n
+    return {
+        "auc": float(roc_auc_score(labels, probs)) if both else None,
+        "logloss": float(log_loss(labels, np.clip(probs, _EPS, 1 - _EPS), labels=[0, 1])),
+        "ne": _ne(probs, labels) if both else None,
+        "calibration": float(probs.sum() / pos) if pos > 0 else None,
+        "n": n,
+        "pos_rate": pos / n,
+    }
 
 
 class DomainMetrics:
@@ -102,9 +136,9 @@ class DomainMetrics:
                 rank must call it (collective). ``False``: this rank's rows only.
 
         Returns:
-            ``{"domains": {name: {"auc", "logloss", "n", "pos_rate"}}, "auc", "logloss",
-            "wauc", "n", "pos_rate"}`` (top-level figures over all rows); definitions and
-            ``None`` cases in the module docstring.
+            ``{"domains": {name: {"auc", "logloss", "ne", "calibration", "n", "pos_rate"}},
+            "auc", "logloss", "ne", "calibration", "wauc", "n", "pos_rate"}`` (top-level figures
+            over all rows); definitions and ``None`` cases in the module docstring.
         """
         p, y, d = self._rows()
         if gather and dist.is_available() and dist.is_initialized():
@@ -123,6 +157,8 @@ class DomainMetrics:
             "domains": domains,
             "auc": total["auc"],
             "logloss": total["logloss"],
+            "ne": total["ne"],
+            "calibration": total["calibration"],
             "wauc": wauc,
             "n": total["n"],
             "pos_rate": total["pos_rate"],
@@ -136,7 +172,8 @@ def format_table(metrics: dict) -> str:
         metrics: the result dict.
 
     Returns:
-        One row per domain, an ``ALL`` row and a ``WAUC`` line; undefined values print as ``-``.
+        One row per domain (n, pos_rate, auc, logloss, ne, calibration), an ``ALL`` row and a
+        ``WAUC`` line; undefined values print as ``-``.
     """
 
     def f(v) -> str:
@@ -145,9 +182,12 @@ def format_table(metrics: dict) -> str:
     def row(name: str, m: dict) -> str:
         return (
             f"{name:<16} {m['n']:>10} {f(m['pos_rate']):>9} {f(m['auc']):>8} {f(m['logloss']):>8}"
+            f" {f(m['ne']):>8} {f(m['calibration']):>11}"
         )
 
-    lines = [f"{'domain':<16} {'n':>10} {'pos_rate':>9} {'auc':>8} {'logloss':>8}"]
+    lines = [
+        f"{'domain':<16} {'n':>10} {'pos_rate':>9} {'auc':>8} {'logloss':>8} {'ne':>8} {'calibration':>11}"
+    ]
     lines += [row(name, m) for name, m in metrics["domains"].items()]
     lines += [row("ALL", metrics), f"WAUC {f(metrics['wauc'])}"]
     return "\n".join(lines)

@@ -86,7 +86,8 @@ class BundleManifest:
     """``param_count`` divided by the dense backbone's parameter count."""
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     """Per split (``validation``, ``test``): ``auc_backbone``, ``auc_adapter``,
-    ``logloss_backbone``, ``logloss_adapter``, ``samples``."""
+    ``logloss_backbone``, ``logloss_adapter``, ``ne_backbone``, ``ne_adapter``,
+    ``calibration_backbone``, ``calibration_adapter`` (undefined ones left out), ``samples``."""
     data_window: dict[str, str] = field(default_factory=dict)
     """The data it was trained on: ``window`` (``START..END`` or ``all``) and the datasets by split
     (``train``, ``validation``, ``test``; or ``all``, one dataset split 9:1). A scheduled retrain

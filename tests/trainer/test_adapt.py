@@ -112,6 +112,11 @@ def test_training_changes_only_adapter_tensors_and_beats_frozen_head_on_shifted_
     a, b = (r.metrics["test"] for r in results)
     assert b["auc_adapter"] > b["auc_backbone"] + 0.05, b  # the shifted domain gains
     assert a["auc_adapter"] > a["auc_backbone"] - 0.02, a  # the unshifted one does not lose
+    assert set(b) == {f"{m}_{side}" for m in ("auc", "logloss", "ne", "calibration")
+                      for side in ("backbone", "adapter")} | {"samples"}
+    # same rows, so the same base-rate entropy: NE moves exactly as the log loss does
+    assert b["ne_adapter"] / b["ne_backbone"] == pytest.approx(b["logloss_adapter"] / b["logloss_backbone"])
+    assert b["ne_adapter"] < b["ne_backbone"] < 1.0 and 0.5 < b["calibration_backbone"] < 2.0, b
     assert b["samples"] == int((_features(head, 1500, 3, {}).domains == 1).sum())
 
 

@@ -103,6 +103,9 @@ def test_max_steps_and_final_report():
     state, reports, ckpts = run(LoopConfig(epochs=5, max_steps=7, log_every=2), model, opt)
     assert state.step == 7 and reports[-1]["step"] == 7 and 7 in ckpts
     assert reports[-1]["wauc"] > max(0.8, before + 0.05)  # the toy task is learnable
+    last = reports[-1]  # NE and calibration beside AUC, overall and in the per-domain history
+    assert last["ne"] == last["val"]["ne"] < 1.0 and last["calibration"] == last["val"]["calibration"] > 0
+    assert all(last["val"]["domains"][d]["ne"] < 1.0 for d in ("a", "b"))
 
 
 def test_empty_epoch_is_an_error():
