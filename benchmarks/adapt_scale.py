@@ -30,8 +30,14 @@ from benchmarks.common import failure, launch, machine, write_results
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli(repo: Path, *args: str, timeout: float = 3600) -> dict:
-    return launch([sys.executable, "-m", "mdlora.jobs.cli", *args], repo, timeout, watch="ray::")
+def _cli(repo: Path, work: Path, command: str, overrides: list[str], timeout: float = 3600) -> dict:
+    """``mdlora <command> --config <empty> --set K=V ...`` in ``repo``, polled by :func:`launch`."""
+    config = work / "defaults.yaml"
+    config.write_text("{}\n")
+    args = [a for o in overrides for a in ("--set", o)]
+    extra = ["--json"] if command == "adapt" else []
+    return launch([sys.executable, "-m", "mdlora.jobs.cli", command, "--config", str(config), *extra, *args], repo,
+                  timeout, watch="ray::")
 
 
 def _logs(work: Path, rows: int, domains: int, seed: int) -> Path:
@@ -49,16 +55,16 @@ def measure(repo: Path, work: Path, rows: list[int], domains: int, seed: int) ->
     reg = work / f"registry-{domains}"
     data = [f"data.schema={small}/schema.yaml", f"output.root={reg}", "output.model=scale"]
     if not (reg / "backbones" / "scale").exists():
-        run = _cli(ROOT, "pretrain", "--set", *data, f"data.train={small}/train", f"data.val={small}/val",
-                   "loop.epochs=1", "loop.log_every=0", "dist.max_failures=0")
+        run = _cli(ROOT, work, "pretrain", [*data, f"data.train={small}/train", f"data.val={small}/val",
+                                            "loop.epochs=1", "loop.log_every=0", "dist.max_failures=0"])
         if run["rc"]:
             return failure(run, "pretrain")
     out = {}
     for n in rows:
         t0 = time.time()
-        run = _cli(repo, "adapt", "--json", "--set", *data, f"data.train={logs[n]}/train",
-                   f"data.val={logs[n]}/val", "loop.epochs=1", "loop.patience=1", "dist.max_failures=0",
-                   f"output.run_dir={work}/runs-{n}-{domains}")
+        run = _cli(repo, work, "adapt", [*data, f"data.train={logs[n]}/train", f"data.val={logs[n]}/val",
+                                          "loop.epochs=1", "loop.patience=1", "dist.max_failures=0",
+                                          f"output.run_dir={work}/runs-{n}-{domains}"])
         if run["rc"]:
             out[n] = failure(run, f"adapt at {n} rows")
             continue
@@ -77,6 +83,9 @@ def markdown(results: dict) -> str:
     lines = [f"# Adaptation at scale ({results['machine']['time_utc']}, {results['machine']['cores']} cores)", "",
              f"Code: `{results['repo']}`. `mdlora adapt`, one epoch, world size 1, embedded Ray.", ""]
     for domains, sizes in results["runs"].items():
+        if "error" in sizes:  # the backbone could not be pretrained
+            lines += [f"{domains} domains: {sizes['error']}", "", "```", sizes["output_tail"][-3000:], "```", ""]
+            continue
         ok = {int(n): r for n, r in sizes.items() if "error" not in r}
         if not ok:
             lines += [f"{domains} domains: failed: {next(iter(sizes.values()))}", ""]
@@ -105,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     rows = [int(x) for x in a.rows.split(",")]
-    results = {"machine": machine(), "repo": a.repo, "runs": {}}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=a.repo, capture_output=True, text=True).stdout
+    results = {"machine": machine(), "repo": f"{commit.strip() or a.repo}", "runs": {}}
     for k in (int(x) for x in a.domains.split(",")):
         results["runs"][k] = measure(Path(a.repo), work, rows, k, a.seed)
     text = markdown(results)
