@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from benchmarks.common import machine, write_results
 from mdlora.adapters.config import LoraConfig
 from mdlora.adapters.inject import inject
-from benchmarks.common import machine, write_results
 from mdlora.embeddings.batch import BatchConverter
 from mdlora.embeddings.schema import Schema
 from mdlora.infra.logs import LogDataset
@@ -94,8 +94,8 @@ def param_shares(head: Head, alphas: list[float]) -> dict[str, dict]:
 def bundle_bytes(schema: Schema, head: Head, lora: LoraConfig, domain: str, work: Path) -> dict:
     """Bytes on disk of one domain's bundle (``write_bundle``) vs the backbone's fp32 parameter
     bytes (tables + tower + output)."""
-    from mdlora.infra.artifacts.bundle import BackboneRef, BundleManifest, write_bundle
     from mdlora.config import to_dict
+    from mdlora.infra.artifacts.bundle import BackboneRef, BundleManifest, write_bundle
 
     adapted = inject(Head.of(head), lora, [domain])
     state = adapted.state_for(domain)

@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from mdlora.config import from_dict
 from mdlora.embeddings.batch import BatchConverter
 from mdlora.embeddings.schema import Schema
-from mdlora.config import from_dict
 from mdlora.trainer.config import RunConfig
 from mdlora.trainer.env import DistEnv
 from mdlora.trainer.loop import train_step

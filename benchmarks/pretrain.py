@@ -107,9 +107,9 @@ def run_peer(
 
 def mdlora_child() -> None:
     """Subprocess entry: start Ray, then ``pretrain`` every run of the JSON list in argv[1]."""
+    from mdlora.config import from_dict
     from mdlora.infra import ray_backend
     from mdlora.infra.pretrain import pretrain
-    from mdlora.config import from_dict
     from mdlora.trainer.config import RunConfig
 
     t0 = time.time()

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from benchmarks.quality_data import Data, Split
 from mdlora.adapters.config import LoraConfig
 from mdlora.adapters.inject import inject
-from benchmarks.quality_data import Data, Split
 from mdlora.embeddings.tables import build_ebc
 from mdlora.trainer import adapt
 from mdlora.trainer.backbone import build_backbone

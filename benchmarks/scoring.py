@@ -34,16 +34,15 @@ GOAL = 0.8
 
 def publish_fixture(work: Path, ref: Reference, rows: int) -> tuple[str, str, Path]:
     """Data, a published backbone and one production bundle per domain -> (root, model, data)."""
-    from mdlora.infra.artifacts.bundle import BundleManifest, write_bundle
+    from benchmarks.scaling import one_rank_group
     from mdlora.adapters.config import LoraConfig
     from mdlora.adapters.inject import inject
-    from mdlora.infra.artifacts.registry import Registry
-    from benchmarks.scaling import one_rank_group
-    from mdlora.embeddings.schema import Schema
-    from mdlora.infra.artifacts import open_backbone
-    from mdlora.infra.artifacts import publish_backbone
-    from mdlora.infra.storage import open_fs
     from mdlora.config import to_dict
+    from mdlora.embeddings.schema import Schema
+    from mdlora.infra.artifacts import open_backbone, publish_backbone
+    from mdlora.infra.artifacts.bundle import BundleManifest, write_bundle
+    from mdlora.infra.artifacts.registry import Registry
+    from mdlora.infra.storage import open_fs
     from mdlora.trainer.config import RunConfig
     from mdlora.trainer.env import DistEnv
     from mdlora.trainer.loop import TrainState

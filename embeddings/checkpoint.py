@@ -34,7 +34,6 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import metadata as dcp_metadata
 
-
 _WRAPPERS = ("module.", "_dmp_wrapped_module.")
 _DENSE = "dense_optim.pt"
 

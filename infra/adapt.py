@@ -34,7 +34,7 @@ from mdlora.config import from_dict, to_dict
 from mdlora.embeddings.batch import BatchConverter
 from mdlora.embeddings.schema import Schema
 from mdlora.embeddings.tables import build_ebc
-from mdlora.infra import ray_backend
+from mdlora.infra import features, ray_backend
 from mdlora.infra.artifacts import (
     ADAPTERS,
     BackboneInfo,
@@ -44,10 +44,16 @@ from mdlora.infra.artifacts import (
     open_bundles,
     write_bundle,
 )
-from mdlora.infra import features
 from mdlora.infra.features import FeatureCache
 from mdlora.infra.logs import LogDataset
-from mdlora.infra.runs import cache_dir, check_cpus, check_outputs, load_schema, remove_run, resolve_paths
+from mdlora.infra.runs import (
+    cache_dir,
+    check_cpus,
+    check_outputs,
+    load_schema,
+    remove_run,
+    resolve_paths,
+)
 from mdlora.infra.storage import open_fs
 from mdlora.trainer.adapt import DomainResult, Head, materialise, train_mlora, train_multilora
 from mdlora.trainer.backbone import build_backbone

@@ -35,9 +35,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from mdlora.atomic import staging_dir
 from mdlora.embeddings.schema import Schema
 from mdlora.infra.storage import is_s3, open_fs
-from mdlora.atomic import staging_dir
 
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
           "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",

@@ -33,13 +33,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mdlora.atomic import staging_dir
+from mdlora.config import to_dict
 from mdlora.embeddings.schema import Schema
 from mdlora.infra.storage import is_s3, open_fs
 from mdlora.infra.synth_world import (
-    CATEGORIES, CITIES, LATENT, MAX_HIST, ZIPF, World, draw_rows, make_world, parse_shifts,
+    CATEGORIES,
+    CITIES,
+    LATENT,
+    MAX_HIST,
+    ZIPF,
+    World,
+    draw_rows,
+    make_world,
+    parse_shifts,
 )
-from mdlora.atomic import staging_dir
-from mdlora.config import to_dict
 
 CHUNK = 1 << 20  # rows generated per chunk (bounds memory)
 SPLITS = ("train", "val", "test")

@@ -27,14 +27,14 @@ def step(i: int, text: str) -> None:
 
 def run(out: Path, rows: int, domains: int, seed: int) -> dict:
     """Run every stage into ``out``; return the summary (also written as JSON)."""
+    from mdlora.config import from_dict
     from mdlora.infra.adapt import adapt, add_domain
     from mdlora.infra.logs import validate_dataset
     from mdlora.infra.pretrain import pretrain
-    from mdlora.infra.runs import load_schema
     from mdlora.infra.report import auc_table, write_report
+    from mdlora.infra.runs import load_schema
     from mdlora.infra.score import Scorer
     from mdlora.infra.synth import generate
-    from mdlora.config import from_dict
     from mdlora.trainer.config import AdaptConfig, RunConfig
 
     t0 = time.time()

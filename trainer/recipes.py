@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from mdlora.atomic import write_json
 from mdlora.embeddings import checkpoint as ckpt
 from mdlora.embeddings import sharding
 from mdlora.embeddings.schema import Schema
 from mdlora.embeddings.tables import build_ebc
-from mdlora.atomic import write_json
 from mdlora.trainer.backbone import Backbone, build_backbone
 from mdlora.trainer.config import DistConfig, ModelConfig, RunConfig, local_batch
 from mdlora.trainer.env import DistEnv

@@ -18,11 +18,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import mdlora
-from mdlora.config import ConfigError, from_dict, to_dict
 from mdlora.atomic import write_json
+from mdlora.config import ConfigError, from_dict, to_dict
 from mdlora.embeddings.schema import Schema
 from mdlora.infra.artifacts.bundle import BackboneRef
-from mdlora.infra.artifacts.layout import BACKBONE_CONFIG, BACKBONE_METRICS, BACKBONE_SCHEMA, BACKBONES, MANIFEST
+from mdlora.infra.artifacts.layout import (
+    BACKBONE_CONFIG,
+    BACKBONE_METRICS,
+    BACKBONE_SCHEMA,
+    BACKBONES,
+    MANIFEST,
+)
 from mdlora.infra.artifacts.registry import Registry
 from mdlora.infra.artifacts.sealed import ArtifactError, read_manifest, seal
 from mdlora.infra.storage import open_fs

@@ -38,11 +38,11 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from mdlora.atomic import write_bytes
 from mdlora.infra.artifacts.bundle import BundleManifest
 from mdlora.infra.artifacts.document import UpdateConflict, update_json
 from mdlora.infra.artifacts.layout import ADAPTERS, ALIASES, KINDS, MANIFEST, RESERVATION
 from mdlora.infra.artifacts.sealed import ArtifactError, check_files, local_copy, read_manifest
-from mdlora.atomic import write_bytes
 from mdlora.names import check_name
 
 _VERSION = re.compile(r"^v(\d{4,})$")

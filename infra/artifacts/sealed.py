@@ -27,7 +27,6 @@ from typing import Any
 import fsspec
 
 from mdlora.atomic import sha256_tree, staging_dir, write_bytes, write_json
-
 from mdlora.infra.artifacts.layout import MANIFEST
 
 

@@ -18,8 +18,8 @@ from torchrec.distributed.types import ShardingPlan
 import mdlora.embeddings.checkpoint as ckpt
 from mdlora.embeddings import sharding
 from mdlora.embeddings.schema import Schema
-from tests.embeddings.snapshot import gather_state, state_hash
 from tests.embeddings.dist_utils import TINY_SCHEMA, TinyModel, run_gloo, tiny_batch
+from tests.embeddings.snapshot import gather_state, state_hash
 
 LR = 0.1
 EVAL_SEED = 4242

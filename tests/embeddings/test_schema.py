@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from mdlora.embeddings.schema import Schema
 from mdlora.config import ConfigError
+from mdlora.embeddings.schema import Schema
 
 TINY_HASH = "92efd3644d6375833e65de581cee7809e2d2900e65cea01afc5c418caae2868a"
 

@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 from mdlora.embeddings import sharding
 from mdlora.embeddings.schema import Schema
-from tests.embeddings.snapshot import gather_state, state_hash
 from tests.embeddings.dist_utils import TINY_SCHEMA, TinyModel, run_gloo, tiny_batch
+from tests.embeddings.snapshot import gather_state, state_hash
 
 
 def _shard_train_gather(rank: int, world: int) -> dict:

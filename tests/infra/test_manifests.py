@@ -21,11 +21,11 @@ import os
 import re
 import shlex
 import subprocess
-import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
+import tomllib
 import yaml
 
 from mdlora.infra.submit import EXCLUDES, job_runtime_env, load_runtime_env

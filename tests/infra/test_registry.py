@@ -10,8 +10,8 @@ import fsspec
 import pytest
 
 from mdlora.infra.artifacts.registry import RESERVATION, Registry, RegistryError, _production_stack
-from mdlora.jobs.cli import main
 from mdlora.infra.artifacts.sealed import MANIFEST, ArtifactError, seal
+from mdlora.jobs.cli import main
 
 
 def make_artifact(directory: Path, payload: bytes = b"weights", kind: str = "adapter") -> Path:

@@ -12,10 +12,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
+from mdlora.atomic import sha256_tree
 from mdlora.embeddings.schema import Schema
 from mdlora.infra import synth, synth_world
 from mdlora.jobs.cli import main
-from mdlora.atomic import sha256_tree
 
 ARGS = dict(rows=60_000, domains=5, seed=3, holdout_domains=1, days=3, users=5000, items=3000)
 

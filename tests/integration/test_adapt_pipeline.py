@@ -11,17 +11,17 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from mdlora.infra.artifacts.bundle import BundleError
-from mdlora.infra.artifacts.registry import Registry
+from mdlora.atomic import sha256_file, sha256_tree, write_json
 from mdlora.embeddings.schema import Schema
 from mdlora.infra.adapt import adapt
+from mdlora.infra.artifacts.bundle import BundleError
+from mdlora.infra.artifacts.registry import Registry
+from mdlora.infra.artifacts.sealed import read_manifest
 from mdlora.infra.pretrain import pretrain
 from mdlora.infra.score import Scorer
 from mdlora.infra.storage import open_fs
 from mdlora.infra.synth import generate
 from mdlora.jobs.cli import main
-from mdlora.infra.artifacts.sealed import read_manifest
-from mdlora.atomic import sha256_file, sha256_tree, write_json
 from mdlora.trainer.config import load_adapt_config, load_run_config
 
 pytestmark = pytest.mark.integration

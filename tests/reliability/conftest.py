@@ -56,11 +56,11 @@ def publish_untrained_backbone(logs: Path, root: Path) -> dict:
     """Publish a real (untrained) ``ctr`` backbone of the ``logs`` schema into the registry at ``root``."""
     import tempfile
 
+    from mdlora.atomic import write_json
     from mdlora.embeddings.checkpoint import write_shards
     from mdlora.embeddings.tables import build_ebc
     from mdlora.infra.artifacts import publish_backbone
     from mdlora.infra.runs import load_schema, resolve_paths
-    from mdlora.atomic import write_json
     from mdlora.trainer.backbone import build_backbone
     from mdlora.trainer.config import load_run_config
     from mdlora.trainer.loop import TrainState
@@ -82,12 +82,12 @@ def write_test_bundle(dest: Path, backbone: dict, domain: str) -> None:
     """A real adapter bundle for ``domain`` on ``backbone`` (LoRA B random so that it matters)."""
     import torch
 
-    from mdlora.infra.artifacts.bundle import BackboneRef, BundleManifest, write_bundle
     from mdlora.adapters.config import LoraConfig
     from mdlora.adapters.inject import inject
+    from mdlora.config import to_dict
     from mdlora.embeddings.schema import Schema
     from mdlora.embeddings.tables import build_ebc
-    from mdlora.config import to_dict
+    from mdlora.infra.artifacts.bundle import BackboneRef, BundleManifest, write_bundle
     from mdlora.trainer.backbone import build_backbone
     from mdlora.trainer.config import ModelConfig
 

@@ -57,9 +57,9 @@ def test_four_add_domain_jobs_at_once(world, new_domains, cluster, tmp_path):
     """Every job publishes and promotes its own v0001; nothing else in the registry changes."""
     import shutil
 
+    from mdlora.atomic import sha256_tree
     from mdlora.infra.artifacts.registry import Registry
     from mdlora.infra.storage import open_fs
-    from mdlora.atomic import sha256_tree
 
     reg_root = tmp_path / "registry"
     shutil.copytree(world["root"], reg_root)

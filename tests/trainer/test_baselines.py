@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from mdlora.embeddings.schema import Schema
-from tests.trainer.test_backbone import build, make_batch
 from mdlora.trainer.baselines import (
     STAR,
     DomainCTRTask,
@@ -17,6 +16,7 @@ from mdlora.trainer.baselines import (
     StarLinear,
 )
 from mdlora.trainer.config import ModelConfig
+from tests.trainer.test_backbone import build, make_batch
 
 E, K = 12, 3
 HEADS = {

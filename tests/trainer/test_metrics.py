@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from tests.conftest import free_port
 from mdlora.trainer.metrics import DomainMetrics, format_table
+from tests.conftest import free_port
 
 T = torch.tensor
 

@@ -10,10 +10,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdlora.embeddings.batch import Batch
 from mdlora.embeddings.schema import Schema
-from tests.trainer.test_backbone import build, make_batch
 from mdlora.trainer.backbone import build_backbone
 from mdlora.trainer.config import ModelConfig
 from mdlora.trainer.task import CTRTask
+from tests.trainer.test_backbone import build, make_batch
 
 
 @pytest.fixture
