@@ -45,6 +45,7 @@ from mdlora.infra.artifacts import (
     write_bundle,
 )
 from mdlora.infra.features import FeatureCache
+from mdlora.infra.log import setup_logging
 from mdlora.infra.logs import LogDataset
 from mdlora.infra.runs import (
     cache_dir,
@@ -55,6 +56,7 @@ from mdlora.infra.runs import (
     resolve_paths,
 )
 from mdlora.infra.storage import open_fs
+from mdlora.progress import Progress, counted
 from mdlora.trainer.adapt import DomainResult, Head, materialise, train_mlora, train_multilora
 from mdlora.trainer.backbone import build_backbone
 from mdlora.trainer.config import AdaptConfig, RunConfig, local_batch
@@ -104,9 +106,11 @@ def materialise_worker(config: dict) -> None:
         for i, source in enumerate(config["sources"]):
             for split, uri in source["splits"].items():
                 data = LogDataset(uri, schema, window=cfg.data.window, domains=source["domains"])
-                feats = materialise(backbone, data.iter_batches(
+                progress = Progress(f"materialise {split} (rank {env.rank})", data.num_rows() // env.world_size)
+                feats = materialise(backbone, counted(data.iter_batches(
                     local, rank=env.rank, world_size=env.world_size, shuffle=False, drop_last=False,
-                    prefetch=cfg.data.prefetch, converter=conv))
+                    prefetch=cfg.data.prefetch, converter=conv), progress))
+                progress.close()
                 features.write_rank(directory, i, split, feats, schema.domain.values, env.rank, index)
         features.write_index(directory, env.rank, index, Head.of(backbone) if env.is_main else None)
 
@@ -138,6 +142,7 @@ def materialise_sources(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema
 def _train_task(item: dict) -> tuple[list[DomainResult], dict]:
     """Ray task: load this task's domains' features from the cache and train them (module-level
     for pickling). MLoRA: each domain independently; MultiLoRA: jointly (shared aux LoRAs)."""
+    setup_logging()  # a Ray task: its progress lines reach the driver's output
     cache, cfg, vocab = item["cache"], item["cfg"], item["vocab"]
     head = cache.head(item["head"])
     splits = cache.load(item["domains"], cfg.loop.seed)

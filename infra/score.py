@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
@@ -37,7 +36,9 @@ from mdlora.config import from_dict
 from mdlora.embeddings.batch import BatchConverter
 from mdlora.embeddings.schema import Schema
 from mdlora.infra.artifacts import BackboneInfo, Bundle, BundleError, open_backbone, open_bundles
+from mdlora.infra.logs import parquet_dataset
 from mdlora.infra.storage import is_s3, open_fs
+from mdlora.progress import Progress
 from mdlora.trainer.metrics import DomainMetrics, format_table
 from mdlora.trainer.recipes import load_unsharded
 
@@ -198,18 +199,16 @@ class Scorer:
             "calibration", "wauc", "table", "out"}`` (metrics and table only when labels exist;
             definitions in :mod:`mdlora.trainer.metrics`).
         """
-        fs, path = open_fs(data)
-        if not fs.exists(path):
-            raise FileNotFoundError(f"{data}: no such dataset")
-        dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+        dataset = parquet_dataset(data)  # its Parquet files only (a schema.yaml beside them is skipped)
         s = self.schema
         cols = [c for c in s.columns() if c in dataset.schema.names]
         labelled = s.label in cols
         order = sorted(self.slot, key=self.slot.get)
         version_of = np.array([self.versions[d] for d in order] + [""], dtype=object)
         backbone_of = np.array([self.backbone_of[d] for d in order] + [self.info.version], dtype=object)
-        parts = []
+        parts, progress = [], Progress(f"score {data}", dataset.count_rows())
         for rb in dataset.to_batches(columns=cols, batch_size=ROWS):
+            progress.add(rb.num_rows)
             table = pa.Table.from_batches([rb])
             if not table.num_rows:
                 continue
@@ -218,6 +217,7 @@ class Scorer:
             cols_out = {"domain": dom} | ({s.label: table.column(s.label)} if labelled else {})
             parts.append(pa.table(cols_out | {"prob": probs, "adapter_version": version_of[slots].tolist(),
                                               "backbone_version": backbone_of[slots].tolist()}))
+        progress.close()
         if not parts:
             raise ValueError(f"{data}: no rows to score")
         result = pa.concat_tables(parts)

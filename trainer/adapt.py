@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from mdlora.adapters.config import LoraConfig
 from mdlora.adapters.inject import AdaptedModel, inject
 from mdlora.adapters.lora import DomainLoRALinear
+from mdlora.progress import Progress
 from mdlora.trainer.config import AdaptTrainConfig, LoopConfig
 from mdlora.trainer.features import Features, Head, materialise, predict
 from mdlora.trainer.metrics import DomainMetrics
@@ -298,6 +299,7 @@ def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], pa
                                    loop.patience, cfg.min_delta):
                 active.discard(k)
 
+    progress = Progress(f"adapt {','.join(names)}", loop.epochs, unit="epochs", every=0)  # ETA: at most
     for epoch in range(1, loop.epochs + 1):
         orders = {k: _batches(len(rows[k]), cfg.batch_size, gens[k]) for k in sorted(active)}
         for i in range(max(len(o) for o in orders.values())):
@@ -321,6 +323,7 @@ def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], pa
                 evaluate(epoch)
         if seen != step:  # end of the epoch, unless just validated
             evaluate(epoch)
+        progress.add(1)
         if not active:
             break
     for r, stop in zip(results, stops, strict=True):
