@@ -8,7 +8,7 @@ per-domain adapters on the frozen, published backbone with the no-negative-trans
 (:class:`mdlora.infra.score.Scorer`), once with no bundle (the backbone alone) and once with every
 domain's production bundle.
 
-Per domain (:func:`paired_bootstrap`): test AUC and LogLoss of both, and a paired bootstrap of the
+Per domain (:mod:`benchmarks.pipeline_quality_stats`): test AUC and LogLoss of both, and a paired bootstrap of the
 AUC gain on the domain's test rows (resampled within the domain, positives and negatives apart,
 the same rows for both models): mean gain, 95 % interval, one-sided p for "adapters > backbone",
 and the class above (p < 0.05) / below (p > 0.95) / equal. The gate's confidence and decision
@@ -38,76 +38,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import mannwhitneyu
-from sklearn.metrics import roc_auc_score
 
 from benchmarks.common import machine, write_results
+from benchmarks.pipeline_quality_stats import compare, gate_of
 
 NAMES = {"synthetic": "synthetic", "movielens-1m": "ml1m", "movielens-100k": "ml100k"}
 MODEL = "pq"
 """Backbone name in each cell's registry."""
-SIGNIFICANCE = 0.05
-"""One-sided level: above when p < it, below when p > 1 - it."""
 
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# ---- the paired test ----------------------------------------------------------------------------
-
-
-def classify(p: float | None, significance: float = SIGNIFICANCE) -> str:
-    """``above`` (p < significance), ``below`` (p > 1 - significance), ``equal``; ``n/a`` for None."""
-    if p is None:
-        return "n/a"
-    return "above" if p < significance else "below" if p > 1 - significance else "equal"
-
-
-def paired_bootstrap(labels: np.ndarray, base: np.ndarray, adapted: np.ndarray, *,
-                     resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Paired, label-stratified bootstrap of the AUC gain ``adapted - base`` on the same N rows.
-
-    Each resample draws the positives and the negatives separately with replacement (class
-    counts fixed, as pROC and the adapt gate do) and scores both models on the same drawn rows.
-    With fixed counts AUC = U / (n_pos n_neg), U being scipy's Mann-Whitney statistic of the
-    positives' scores against the negatives' (ties count half, as in AUC), so a block of
-    resamples costs one vectorised call per model.
-
-    Args:
-        labels: [N] 0/1 labels.
-        base: [N] backbone scores.
-        adapted: [N] adapter scores of the same rows.
-        resamples: bootstrap resamples R.
-        seed: resampling seed.
-        level: two-sided level of the percentile interval.
-
-    Returns:
-        ``{"rows", "positives", "auc_backbone", "auc_adapter", "gain", "gain_mean", "ci", "p",
-        "class", "resamples"}``: ``gain`` on all N rows (sklearn AUCs), ``gain_mean`` and ``ci``
-        ([lo, hi]) over the resamples, ``p`` = share of resamples whose gain is < 0 (a zero gain
-        counts half: identical models give 0.5), ``class`` by :func:`classify`. The AUC figures
-        are None (class ``n/a``) when the rows hold one class.
-    """
-    y = np.asarray(labels)
-    b, a = np.asarray(base, np.float64), np.asarray(adapted, np.float64)
-    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    out = {"rows": int(len(y)), "positives": int(len(pos)), "resamples": resamples}
-    if not len(pos) or not len(neg):
-        return out | dict.fromkeys(("auc_backbone", "auc_adapter", "gain", "gain_mean", "ci", "p")) | {"class": "n/a"}
-    auc_b, auc_a = float(roc_auc_score(y, b)), float(roc_auc_score(y, a))
-    rng, gains = np.random.default_rng(seed), np.empty(resamples)
-    block = max(1, 2_000_000 // len(y))  # resamples per call: bounded memory
-    for lo in range(0, resamples, block):
-        r = min(block, resamples - lo)
-        ip, ineg = pos[rng.integers(0, len(pos), (r, len(pos)))], neg[rng.integers(0, len(neg), (r, len(neg)))]
-        u_a, u_b = (mannwhitneyu(m[ip], m[ineg], axis=1, method="asymptotic").statistic for m in (a, b))
-        gains[lo:lo + r] = (u_a - u_b) / (len(pos) * len(neg))
-    p = float(((gains < 0).sum() + 0.5 * (gains == 0).sum()) / resamples)
-    tail = 100 * (1 - level) / 2
-    return out | {"auc_backbone": auc_b, "auc_adapter": auc_a, "gain": auc_a - auc_b,
-                  "gain_mean": float(gains.mean()), "ci": [float(v) for v in np.percentile(gains, [tail, 100 - tail])],
-                  "p": p, "class": classify(p)}
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -129,24 +70,49 @@ def prepare(args: argparse.Namespace, data_seed: int, work: Path) -> dict:
     else:
         root = work / f"data-{data_seed}"
         if args.dataset == "synthetic":
-            gen = {"rows": args.rows, "domains": args.domains, "users": args.users, "items": args.items,
-                   "days": args.days, "seed": data_seed}
+            gen = {
+                "rows": args.rows,
+                "domains": args.domains,
+                "users": args.users,
+                "items": args.items,
+                "days": args.days,
+                "seed": data_seed,
+            }
             _log(f"gen-logs {gen} -> {root}")
             generate(str(root), **gen)
             source = {"dataset": "synthetic", "generate": gen, "generated": True}
         else:
             _log(f"import-movielens {args.path} (split seed {data_seed}) -> {root}")
             stats = import_movielens(args.path, str(root), seed=data_seed)
-            source = {"dataset": args.dataset, "path": str(Path(args.path).resolve()), "split_seed": data_seed,
-                      "layout": stats["layout"], "rows": stats["rows"], "splits": stats["splits"]}
+            source = {
+                "dataset": args.dataset,
+                "path": str(Path(args.path).resolve()),
+                "split_seed": data_seed,
+                "layout": stats["layout"],
+                "rows": stats["rows"],
+                "splits": stats["splits"],
+            }
     truth = root / "truth.json"
     if truth.is_file():  # gen-logs: the generator's oracle AUC per domain (the headroom)
         t = json.loads(truth.read_text())
-        source |= {"seed": t.get("seed"), "oracle_auc": t.get("oracle_auc"),
-                   "domains": {d: {k: v.get(k) for k in ("share", "shift_strength", "oracle_auc", "oracle_auc_shared_only")}
-                               for d, v in t.get("domains", {}).items()}}
-    return {"schema": str(root / "schema.yaml"), "train": str(root / "train"), "val": str(root / "val"),
-            "test": str(root / "test"), "source": source}
+        source |= {
+            "seed": t.get("seed"),
+            "oracle_auc": t.get("oracle_auc"),
+            "domains": {
+                d: {
+                    k: v.get(k)
+                    for k in ("share", "shift_strength", "oracle_auc", "oracle_auc_shared_only")
+                }
+                for d, v in t.get("domains", {}).items()
+            },
+        }
+    return {
+        "schema": str(root / "schema.yaml"),
+        "train": str(root / "train"),
+        "val": str(root / "val"),
+        "test": str(root / "test"),
+        "source": source,
+    }
 
 
 # ---- one cell: pretrain -> adapt -> score -------------------------------------------------------
@@ -165,19 +131,38 @@ def configs(args: argparse.Namespace, data: dict, seed: int, root: Path):
 
     paths = {k: data[k] for k in ("schema", "train", "val", "test")}
     output = {"root": str(root), "model": MODEL}
-    run = {"data": _set(paths, batch_size=args.batch), "model": _set({}, hidden=args.hidden),
-           "optim": _set({}, dense_lr=args.dense_lr, sparse_lr=args.sparse_lr),
-           "loop": _set({"seed": seed, "log_every": 200}, epochs=args.epochs, patience=args.patience),
-           "dist": {"world_size": args.world_size}, "output": output}
-    adapt = {"data": paths, "lora": _set({}, method=args.method, alpha=args.alpha),
-             "train": _set({}, lr=args.adapter_lr, batch_size=args.adapter_batch, eval_every=args.adapter_eval_every,
-                           confidence=args.confidence, weight_decay=args.adapter_weight_decay),
-             # the whole section: a partial one would take LoopConfig's defaults, not AdaptConfig's (10, 2)
-             "loop": _set(to_dict(AdaptConfig().loop) | {"seed": seed}, epochs=args.adapter_epochs,
-                          patience=args.adapter_patience),
-             "dist": {"world_size": args.world_size}, "output": output}
-    return (from_dict(RunConfig, apply_overrides(run, args.pretrain_set)),
-            from_dict(AdaptConfig, apply_overrides(adapt, args.adapt_set)))
+    run = {
+        "data": _set(paths, batch_size=args.batch),
+        "model": _set({}, hidden=args.hidden),
+        "optim": _set({}, dense_lr=args.dense_lr, sparse_lr=args.sparse_lr),
+        "loop": _set({"seed": seed, "log_every": 200}, epochs=args.epochs, patience=args.patience),
+        "dist": {"world_size": args.world_size},
+        "output": output,
+    }
+    adapt = {
+        "data": paths,
+        "lora": _set({}, method=args.method, alpha=args.alpha),
+        "train": _set(
+            {},
+            lr=args.adapter_lr,
+            batch_size=args.adapter_batch,
+            eval_every=args.adapter_eval_every,
+            confidence=args.confidence,
+            weight_decay=args.adapter_weight_decay,
+        ),
+        # the whole section: a partial one would take LoopConfig's defaults, not AdaptConfig's (10, 2)
+        "loop": _set(
+            to_dict(AdaptConfig().loop) | {"seed": seed},
+            epochs=args.adapter_epochs,
+            patience=args.adapter_patience,
+        ),
+        "dist": {"world_size": args.world_size},
+        "output": output,
+    }
+    return (
+        from_dict(RunConfig, apply_overrides(run, args.pretrain_set)),
+        from_dict(AdaptConfig, apply_overrides(adapt, args.adapt_set)),
+    )
 
 
 def _predictions(path: Path, label: str) -> dict[str, np.ndarray]:
@@ -185,54 +170,12 @@ def _predictions(path: Path, label: str) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
     t = pq.read_table(path)
-    return {"domain": t.column("domain").to_numpy(zero_copy_only=False),
-            "label": t.column(label).to_numpy().astype(np.int8), "prob": t.column("prob").to_numpy(),
-            "adapter": t.column("adapter_version").to_numpy(zero_copy_only=False)}
-
-
-def gate_of(manifest: dict, confidence: float) -> dict:
-    """What the gate did to one bundle, from its manifest: ``{"decision", "confidence", ...}``.
-
-    ``adapter``: the trained state serves; ``backbone (gate)``: it beat the backbone on the
-    early-stopping half but in under ``confidence`` of the gate's resamples, so the bundle holds
-    the zero update; ``backbone (no gain)``: no trained state beat the backbone on validation.
-    """
-    train = manifest["metrics"].get("train", {})
-    conf, kept = train.get("gain_confidence"), train.get("best_epoch", 0) > 0
-    decision = "adapter" if kept else "backbone (gate)" if conf is not None else "backbone (no gain)"
-    return {"decision": decision, "confidence": conf, "threshold": confidence,
-            "best_epoch": train.get("best_epoch"), "validation": manifest["metrics"].get("validation", {})}
-
-
-def compare(base: dict, tuned: dict, gates: dict, resamples: int, seed: int) -> dict:
-    """Per-domain and total figures of one cell's two scorings of the same test rows."""
-    import torch
-    from mdlora.trainer.adapt import domain_seed
-    from mdlora.trainer.metrics import DomainMetrics
-
-    if not (np.array_equal(base["domain"], tuned["domain"]) and np.array_equal(base["label"], tuned["label"])):
-        raise RuntimeError("the two scorings returned the test rows in different orders")
-    names = sorted(set(base["domain"].tolist()))
-    ids = np.searchsorted(np.array(names), base["domain"])
-    metrics = {}
-    for kind, pred in (("backbone", base), ("adapters", tuned)):
-        m = DomainMetrics(names)
-        m.update(torch.from_numpy(pred["prob"]), torch.from_numpy(pred["label"].astype(np.float32)),
-                 torch.from_numpy(ids))
-        metrics[kind] = m.compute(gather=False)
-    domains = {}
-    for d in names:
-        rows = base["domain"] == d
-        test = paired_bootstrap(base["label"][rows], base["prob"][rows], tuned["prob"][rows],
-                                resamples=resamples, seed=domain_seed(seed, d))
-        domains[d] = test | {"logloss_backbone": metrics["backbone"]["domains"][d]["logloss"],
-                             "logloss_adapter": metrics["adapters"]["domains"][d]["logloss"],
-                             "pos_rate": metrics["backbone"]["domains"][d]["pos_rate"],
-                             "adapter_version": str(tuned["adapter"][rows][0]) or None,
-                             "gate": gates.get(d)}
-    total = paired_bootstrap(base["label"], base["prob"], tuned["prob"], resamples=resamples, seed=seed)
-    return {"domains": domains, "total": total | {
-        k + "_" + kind: metrics[kind][k] for kind in ("backbone", "adapters") for k in ("auc", "wauc", "logloss")}}
+    return {
+        "domain": t.column("domain").to_numpy(zero_copy_only=False),
+        "label": t.column(label).to_numpy().astype(np.int8),
+        "prob": t.column("prob").to_numpy().copy(),
+        "adapter": t.column("adapter_version").to_numpy(zero_copy_only=False),
+    }
 
 
 def run_cell(args: argparse.Namespace, data: dict, data_seed: int, seed: int, work: Path) -> dict:
@@ -252,29 +195,48 @@ def run_cell(args: argparse.Namespace, data: dict, data_seed: int, seed: int, wo
     _log(f"{cell}: pretrain ({run_cfg.dist.world_size} worker(s), {run_cfg.loop.epochs} epoch(s))")
     backbone = pretrain(run_cfg, run_name=f"pq-d{data_seed}-s{seed}")
     t1 = time.time()
-    _log(f"{cell}: backbone {backbone['version']} validation WAUC {backbone['metrics'].get('wauc')}; adapt")
+    _log(
+        f"{cell}: backbone {backbone['version']} validation WAUC {backbone['metrics'].get('wauc')}; adapt"
+    )
     adapted = adapt(adapt_cfg)
     t2 = time.time()
     registry = Registry(*open_fs(str(root)))
-    gates = {d: gate_of(registry.manifest("adapters", d, "production"), adapt_cfg.train.confidence)
-             for d in adapted["bundles"]}
+    gates = {
+        d: gate_of(registry.manifest("adapters", d, "production"), adapt_cfg.train.confidence)
+        for d in adapted["bundles"]
+    }
     preds, label = {}, load_schema(data["schema"]).label
-    for kind, bundles in (("backbone", {}), ("adapters", None)):  # {}: no bundle, every row on the backbone
+    for kind, bundles in (
+        ("backbone", {}),
+        ("adapters", None),
+    ):  # {}: no bundle, every row on the backbone
         out = work / f"pred-{kind}-d{data_seed}-s{seed}.parquet"
         Scorer(str(root), MODEL, bundles=bundles).score_dataset(data["test"], str(out))
         preds[kind] = _predictions(out, label)
     t3 = time.time()
     res = compare(preds["backbone"], preds["adapters"], gates, args.resamples, seed)
-    _log(f"{cell}: test AUC backbone {res['total']['auc_backbone']:.4f} adapters {res['total']['auc_adapters']:.4f}; "
-         + ", ".join(f"{d} {v['gain']:+.4f} (p {v['p']:.3f}, {v['class']})" for d, v in res["domains"].items()
-                     if v["gain"] is not None))
-    return res | {"data_seed": data_seed, "seed": seed,
-                  "backbone": {k: backbone[k] for k in ("version", "content_hash", "metrics", "step")},
-                  "adapt": {k: adapted[k] for k in ("method", "rows", "skipped_no_rows", "seconds")},
-                  "configs": {"pretrain": to_dict(run_cfg), "adapt": to_dict(adapt_cfg)},
-                  "seconds": {"pretrain": round(t1 - t0, 1), "adapt": round(t2 - t1, 1),
-                              "score": round(t3 - t2, 1), "bootstrap": round(time.time() - t3, 1),
-                              "total": round(time.time() - t0, 1)}}
+    _log(
+        f"{cell}: test AUC backbone {res['total']['auc_backbone']:.4f} adapters {res['total']['auc_adapters']:.4f}; "
+        + ", ".join(
+            f"{d} {v['gain']:+.4f} (p {v['p']:.3f}, {v['class']})"
+            for d, v in res["domains"].items()
+            if v["gain"] is not None
+        )
+    )
+    return res | {
+        "data_seed": data_seed,
+        "seed": seed,
+        "backbone": {k: backbone[k] for k in ("version", "content_hash", "metrics", "step")},
+        "adapt": {k: adapted[k] for k in ("method", "rows", "skipped_no_rows", "seconds")},
+        "configs": {"pretrain": to_dict(run_cfg), "adapt": to_dict(adapt_cfg)},
+        "seconds": {
+            "pretrain": round(t1 - t0, 1),
+            "adapt": round(t2 - t1, 1),
+            "score": round(t3 - t2, 1),
+            "bootstrap": round(time.time() - t3, 1),
+            "total": round(time.time() - t0, 1),
+        },
+    }
 
 
 # ---- every cell, outputs, CLI -------------------------------------------------------------------
@@ -300,9 +262,17 @@ def run_all(args: argparse.Namespace) -> dict:
             sources[str(ds)] = data["source"]
             for seed in seeds:
                 cells.append(run_cell(args, data, ds, seed, work))
-                res = {"command": args.command, "dataset": args.dataset, "data_seeds": args.data_seeds,
-                       "seeds": seeds, "sources": sources, "summary": summarise(cells), "cells": cells,
-                       "machine": machine(), "seconds": round(time.time() - t0, 1)}
+                res = {
+                    "command": args.command,
+                    "dataset": args.dataset,
+                    "data_seeds": args.data_seeds,
+                    "seeds": seeds,
+                    "sources": sources,
+                    "summary": summarise(cells),
+                    "cells": cells,
+                    "machine": machine(),
+                    "seconds": round(time.time() - t0, 1),
+                }
                 write_results(out, res, markdown(res))
     finally:
         if not args.work:
@@ -320,27 +290,48 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", required=True, choices=sorted(NAMES))
-    p.add_argument("--path", default="", help="MovieLens: the source directory (read in place); synthetic: "
-                   "an existing gen-logs directory to use as is (empty: generate one per data seed)")
+    p.add_argument(
+        "--path",
+        default="",
+        help="MovieLens: the source directory (read in place); synthetic: "
+        "an existing gen-logs directory to use as is (empty: generate one per data seed)",
+    )
     g = p.add_argument_group("synthetic data (gen-logs)")
     g.add_argument("--rows", type=int, default=SYNTH["rows"])
     g.add_argument("--domains", type=int, default=SYNTH["domains"])
     g.add_argument("--users", type=int, default=SYNTH["users"])
     g.add_argument("--items", type=int, default=SYNTH["items"])
     g.add_argument("--days", type=int, default=SYNTH["days"])
-    p.add_argument("--data-seeds", type=ints, default=[0], help="gen-logs seeds / MovieLens split seeds")
+    p.add_argument(
+        "--data-seeds", type=ints, default=[0], help="gen-logs seeds / MovieLens split seeds"
+    )
     p.add_argument("--seeds", type=int, default=1, help="training seeds per data seed (loop.seed)")
     p.add_argument("--seed-base", type=int, default=0)
     g = p.add_argument_group("pretrain (RunConfig)")
-    g.add_argument("--epochs", type=int, default=3, help="loop.epochs (the best validation epoch is published)")
-    g.add_argument("--patience", type=int, default=1, help="loop.patience (epochs without a better val WAUC)")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=20,
+        help="loop.epochs, an upper bound: the backbone stops "
+        "early and its best validation epoch is published (an undertrained backbone flatters adapters)",
+    )
+    g.add_argument(
+        "--patience", type=int, default=2, help="loop.patience (epochs without a better val WAUC)"
+    )
     g.add_argument("--batch", type=int, default=None, help="data.batch_size (global)")
     g.add_argument("--dense-lr", type=float, default=None)
     g.add_argument("--sparse-lr", type=float, default=None)
     g.add_argument("--hidden", type=ints, default=None)
-    g.add_argument("--world-size", type=int, default=1, help="Ray Train workers of pretrain and adapt")
-    g.add_argument("--pretrain-set", action="append", default=[], metavar="K=V",
-                   help="any RunConfig override (repeatable), e.g. optim.schedule=cosine")
+    g.add_argument(
+        "--world-size", type=int, default=1, help="Ray Train workers of pretrain and adapt"
+    )
+    g.add_argument(
+        "--pretrain-set",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="any RunConfig override (repeatable), e.g. optim.schedule=cosine",
+    )
     g = p.add_argument_group("adapt (AdaptConfig)")
     g.add_argument("--method", default=None, choices=["mlora", "multilora"])
     g.add_argument("--alpha", type=float, default=None, help="lora.alpha (rank = out // alpha)")
@@ -350,21 +341,36 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--adapter-batch", type=int, default=None)
     g.add_argument("--adapter-eval-every", type=int, default=None)
     g.add_argument("--adapter-weight-decay", type=float, default=None)
-    g.add_argument("--confidence", type=float, default=None, help="train.confidence: the gate (0: off)")
-    g.add_argument("--adapt-set", action="append", default=[], metavar="K=V",
-                   help="any AdaptConfig override (repeatable), e.g. lora.aux=gender")
+    g.add_argument(
+        "--confidence", type=float, default=None, help="train.confidence: the gate (0: off)"
+    )
+    g.add_argument(
+        "--adapt-set",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="any AdaptConfig override (repeatable), e.g. lora.aux=gender",
+    )
     p.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples")
-    p.add_argument("--work", default="", help="scratch dir for logs, registries, predictions (kept when given; "
-                   "default: a temporary dir, removed)")
+    p.add_argument(
+        "--work",
+        default="",
+        help="scratch dir for logs, registries, predictions (kept when given; "
+        "default: a temporary dir, removed)",
+    )
     p.add_argument("--out", default=f"benchmarks/results/{time.strftime('%Y-%m-%d')}")
     p.add_argument("--name", default="", help="output name (default from --dataset)")
     args = p.parse_args(argv)
     if args.dataset == "synthetic" and args.path and len(args.data_seeds) > 1:
-        p.error("--path: an existing gen-logs directory is one data seed; leave --path out to generate several")
+        p.error(
+            "--path: an existing gen-logs directory is one data seed; leave --path out to generate several"
+        )
     if args.dataset != "synthetic" and not args.path:
         p.error(f"--path: {args.dataset} needs the MovieLens source directory")
     args.name = args.name or NAMES[args.dataset]
-    args.command = "python -m benchmarks.pipeline_quality " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.command = "python -m benchmarks.pipeline_quality " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
     return args
 
 
