@@ -66,9 +66,10 @@ def paired_bootstrap(
             | {"class": "n/a"}
         )
     auc_b, auc_a = float(roc_auc_score(y, b)), float(roc_auc_score(y, a))
-    rng, gains = np.random.default_rng(seed), np.empty(resamples)
+    rng, gains = np.random.default_rng(seed), np.zeros(resamples)
     block = max(1, 2_000_000 // len(y))  # resamples per call: bounded memory
-    for lo in range(0, resamples, block):
+    same = np.array_equal(a, b)  # a zero update (the gate kept the backbone): every gain is 0
+    for lo in range(0, 0 if same else resamples, block):
         r = min(block, resamples - lo)
         ip, ineg = (
             pos[rng.integers(0, len(pos), (r, len(pos)))],
