@@ -23,6 +23,7 @@ import inspect
 import textwrap
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -103,12 +104,35 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _parent_defaults(factory: Callable[[], Any]) -> dict[str, Any]:
+    """What a parent's ``default_factory`` sets differently from the section class's own
+    defaults (``AdaptConfig.loop``: 10 epochs, patience 2); {} when it sets nothing else."""
+    default = factory()
+    if not dataclasses.is_dataclass(default):
+        return {}
+    try:
+        plain = to_dict(type(default)())
+    except TypeError:  # the class has required fields: keep every default the factory gives
+        plain = {}
+    return {k: v for k, v in to_dict(default).items() if k not in plain or plain[k] != v}
+
+
+def _overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over``'s keys put over it, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _overlay(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a plain mapping, rejecting unknown keys by dotted name.
 
     Args:
         cls: a dataclass type.
-        data: mapping of field name to value (nested mappings for nested dataclasses).
+        data: mapping of field name to value (nested mappings for nested dataclasses). A nested
+            mapping overrides the keys it names: the others keep the section's default as the
+            parent declares it (``AdaptConfig``'s ``loop`` has 10 epochs, not ``LoopConfig``'s 1).
         prefix: dotted path of ``data`` inside the whole config, used in error messages.
 
     Returns:
@@ -128,7 +152,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{dot}{name}")
+            value = data[name]
+            if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+                value = _overlay(_parent_defaults(f.default_factory), value)
+            kwargs[name] = _coerce(value, hints[name], f"{dot}{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{dot}{name}: required key is missing")
     try:

@@ -104,3 +104,13 @@ def test_field_docs_and_defaults_yaml():
     assert text.splitlines()[:3] == ["# head", "", "child:"]
     assert "  # The a.\n  #\n  # Two paragraphs.\n  a: 5\n  b: ''\n  # The c.\n  c: [1, 2]\n" in text
     assert text.endswith("# (required) Must be set.\nneed: null\n")
+
+
+def test_a_partial_section_keeps_the_defaults_its_parent_declares():
+    from mdlora.trainer.config import load_adapt_config, load_retrain_config
+
+    adapt = load_adapt_config(None, ["loop.seed=1"])
+    assert (adapt.loop.seed, adapt.loop.epochs, adapt.loop.patience) == (1, 10, 2)  # not LoopConfig's 1 / 0
+    assert load_adapt_config(None, []).loop.epochs == 10
+    retrain = load_retrain_config(None, ["gate.holdout=h", "adapt.loop.seed=3"])
+    assert (retrain.adapt.loop.seed, retrain.adapt.loop.epochs) == (3, 10)
