@@ -122,26 +122,25 @@ def write_reference_parquet(
 # ---- process memory -------------------------------------------------------------------------
 
 
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """Peak resident set size (``VmHWM`` of /proc/<pid>/status) in MiB; 0 if unreadable."""
+def _status_mb(pid: int | str, field: str) -> float:
+    """A memory field of /proc/<pid>/status (``VmHWM``, ``VmRSS``) in MiB; 0 if unreadable."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return 0.0
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """Peak resident set size (``VmHWM``) in MiB; 0 if unreadable."""
+    return _status_mb(pid, "VmHWM")
 
 
 def rss_mb(pid: int) -> float:
     """Current resident set size (``VmRSS``) in MiB; 0 if gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    return _status_mb(pid, "VmRSS")
 
 
 def descendants(root: int) -> list[int]:

@@ -12,14 +12,13 @@ import dataclasses
 import json
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import mdlora
 from mdlora.atomic import write_json
-from mdlora.config import ConfigError, from_dict, to_dict
+from mdlora.config import from_dict, to_dict
 from mdlora.embeddings.schema import Schema
 from mdlora.infra.artifacts.bundle import BackboneRef
 from mdlora.infra.artifacts.layout import (
@@ -30,7 +29,7 @@ from mdlora.infra.artifacts.layout import (
     MANIFEST,
 )
 from mdlora.infra.artifacts.registry import Registry
-from mdlora.infra.artifacts.sealed import ArtifactError, read_manifest, seal
+from mdlora.infra.artifacts.sealed import ArtifactError, read_manifest, seal, typed_manifest
 from mdlora.infra.storage import open_fs
 from mdlora.trainer.config import RunConfig
 from mdlora.trainer.recipes import STATE_FILE
@@ -87,15 +86,7 @@ class BackboneManifest:
             BackboneError: a required key is missing, a value has the wrong type, or the format
                 is newer than this code reads (the message names ``source`` and the key).
         """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(f"{source}: unknown manifest keys {unknown} ignored (written by a newer mdlora?)",
-                          stacklevel=2)
-        try:
-            return from_dict(cls, {k: v for k, v in data.items() if k in known})
-        except (ConfigError, ValueError) as e:
-            raise BackboneError(f"{source}: {e}") from None
+        return typed_manifest(cls, data, source, BackboneError)
 
 
 @dataclass

@@ -15,7 +15,6 @@ fields), missing required keys are errors — as PEFT's ``PeftConfig`` does.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -28,9 +27,15 @@ from safetensors.torch import load_file, save_file
 
 import mdlora
 from mdlora.atomic import staging_dir
-from mdlora.config import ConfigError, from_dict, to_dict
+from mdlora.config import to_dict
 from mdlora.infra.artifacts.layout import ADAPTER_WEIGHTS, MANIFEST, SHARED_PREFIX
-from mdlora.infra.artifacts.sealed import ArtifactError, check_files, read_manifest, seal
+from mdlora.infra.artifacts.sealed import (
+    ArtifactError,
+    check_files,
+    read_manifest,
+    seal,
+    typed_manifest,
+)
 from mdlora.names import check_name
 
 FORMAT_VERSION = 2
@@ -141,17 +146,7 @@ class BundleManifest:
                 is missing or a value has the wrong type (the message names the key).
         """
         check_format_version(data, source)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(
-                f"{source}: unknown manifest keys {unknown} ignored (written by a newer mdlora?)",
-                stacklevel=2,
-            )
-        try:
-            return from_dict(cls, {k: v for k, v in data.items() if k in known})
-        except ConfigError as e:
-            raise BundleError(f"{source}: {e}") from None
+        return typed_manifest(cls, data, source, BundleError)
 
 
 def check_format_version(data: dict[str, Any], source: str) -> None:

@@ -19,19 +19,43 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import warnings
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 
 from mdlora.atomic import sha256_tree, staging_dir, write_bytes, write_json
+from mdlora.config import ConfigError, from_dict
 from mdlora.infra.artifacts.layout import MANIFEST
 
 
 class ArtifactError(ValueError):
     """An artefact is missing its manifest, is corrupt, or does not match what the caller expects."""
+
+
+M = TypeVar("M")
+
+
+def typed_manifest(cls: type[M], data: dict[str, Any], source: str, error: type[ArtifactError]) -> M:
+    """The manifest dataclass ``cls`` from a parsed ``manifest.json``, as PEFT's config loading
+    does: unknown keys warn (a newer writer may add fields), missing required keys fail.
+
+    Raises:
+        error: a required key is missing or a value is invalid (the message names ``source``
+            and the key).
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        warnings.warn(f"{source}: unknown manifest keys {unknown} ignored (written by a newer mdlora?)", stacklevel=3)
+    try:
+        return from_dict(cls, {k: v for k, v in data.items() if k in known})
+    except (ConfigError, ValueError) as e:
+        raise error(f"{source}: {e}") from None
 
 
 def local_fs() -> fsspec.AbstractFileSystem:
