@@ -3,7 +3,7 @@
 Materialisation, adapter training and scoring run for minutes; in Ray workers and CI logs there
 is no terminal, so a :class:`Progress` writes ``<what>: 1,200,000/3,000,000 rows (40%),
 52,000 rows/s, ETA 35 s`` through the ``mdlora.progress`` logger at most every ``every``
-seconds, and once at the end. On a terminal it draws a tqdm bar instead.
+seconds, and once at the end when the stage took that long. On a terminal it draws a tqdm bar.
 """
 
 from __future__ import annotations
@@ -70,10 +70,12 @@ class Progress:
             log.info(self.line())
 
     def close(self) -> None:
-        """The final line (or close the bar)."""
+        """The final line (or close the bar); none for a stage that ended within ``every``
+        seconds without a line (a quick scoring run prints only its result)."""
         if self._bar is not None:
             self._bar.close()
-        log.info(self.line())
+        elif self._last > self.start or self.clock() - self.start >= self.every:
+            log.info(self.line())
 
 
 def counted(batches: Iterable[T], progress: Progress) -> Iterator[T]:

@@ -26,3 +26,13 @@ def test_unknown_total_gives_rate_only():
     p.start = 0.0
     p.add(50)
     assert p.line() == "score: 50 rows, 25 rows/s"
+
+
+def test_a_stage_shorter_than_one_interval_prints_nothing(caplog):
+    now = [0.0]
+    p = Progress("score", total=10, every=10, clock=lambda: now[0], bar=False)
+    with caplog.at_level(logging.INFO, logger="mdlora.progress"):
+        now[0] = 3.0
+        p.add(10)
+        p.close()
+    assert caplog.records == []
