@@ -45,6 +45,15 @@ class LoraConfig:
     """MultiLoRA: BatchNorm1d per combined domain (domain × aux value) after the adapted layer,
     residual (y = z + BN(z), γ = β = 0 at init) so that the adapted model starts at the backbone."""
 
+    wide: list[str] = field(default_factory=list)
+    """Features whose per-domain effect a wide adapter adds to the logit (:mod:`mdlora.adapters.wide`):
+    a sparse feature gets a per-domain table of ``wide_buckets`` scalars (its hashed id modulo the
+    table size; a bag takes the mean), a dense feature a per-domain slope. ``["*"]``: every
+    feature of the schema; empty: the tower LoRA alone."""
+    wide_buckets: int = 4096
+    """Entries of a wide table per sparse feature and domain (fewer when the feature's embedding
+    table has fewer rows)."""
+
     def __post_init__(self) -> None:
         if self.method not in ("mlora", "multilora"):
             raise ValueError(f"method: unknown method {self.method!r} (known: mlora, multilora)")
@@ -64,6 +73,10 @@ class LoraConfig:
             raise ValueError(f"fusion_dim: must be >= 1, got {self.fusion_dim}")
         if self.method == "multilora" and not self.aux:
             raise ValueError("aux: method multilora needs an auxiliary division name")
+        if self.wide_buckets < 1:
+            raise ValueError(f"wide_buckets: must be >= 1, got {self.wide_buckets}")
+        if len(set(self.wide)) != len(self.wide) or ("*" in self.wide and len(self.wide) > 1):
+            raise ValueError(f"wide: features must be distinct (or [\"*\"] alone), got {self.wide}")
         if self.method == "mlora" and self.aux:
             raise ValueError(f"aux: only used by method multilora, got {self.aux!r} with mlora")
 

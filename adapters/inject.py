@@ -29,8 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from mdlora.adapters.config import LoraConfig
-from mdlora.adapters.lora import DomainLoRALinear, Router, _AdaptedLinear
+from mdlora.adapters.lora import DomainLoRALinear, DomainModule, Router
 from mdlora.adapters.multilora import MultiLoRALinear
+from mdlora.adapters.wide import WideOutput, WideSpec
 
 
 class AdaptedModel:
@@ -39,7 +40,8 @@ class AdaptedModel:
     Attributes:
         model: the adapted model (modified in place by :func:`inject`).
         config: the :class:`LoraConfig` used.
-        layers: qualified name (e.g. ``tower.mlp.0``) -> adapted layer, in module order.
+        layers: qualified name (e.g. ``tower.mlp.0``) -> adapted layer, in module order (the
+            wide adapter around the output layer, ``out``, last).
         router: the :class:`Router` shared by the layers.
     """
 
@@ -47,7 +49,7 @@ class AdaptedModel:
         self,
         model: nn.Module,
         config: LoraConfig,
-        layers: dict[str, _AdaptedLinear],
+        layers: dict[str, DomainModule],
         router: Router,
     ) -> None:
         self.model, self.config, self.layers, self.router = model, config, layers, router
@@ -57,14 +59,23 @@ class AdaptedModel:
         """Domains in slot order (slot i of ``domain_slots`` routes to ``domain_names[i]``)."""
         return list(next(iter(self.layers.values())).domains)
 
-    def set_routing(self, domain_slots: Tensor, aux_slots: Tensor | None = None) -> None:
-        """Route the following forwards: slots [B] int64 (-1: no adapter); aux slots for MultiLoRA."""
-        self.router.set(domain_slots, aux_slots)
+    @property
+    def wide(self) -> WideSpec | None:
+        """What the wide adapter reads (None: no wide adapter)."""
+        layer = next((m for m in self.layers.values() if isinstance(m, WideOutput)), None)
+        return None if layer is None else layer.spec
+
+    def set_routing(self, domain_slots: Tensor, aux_slots: Tensor | None = None,
+                    wide: tuple[Tensor, Tensor] | None = None) -> None:
+        """Route the following forwards: slots [B] int64 (-1: no adapter); aux slots for MultiLoRA;
+        the rows' ids [B, S] and dense block [B, N] for a wide adapter."""
+        self.router.set(domain_slots, aux_slots, wide)
 
     @contextmanager
-    def routing(self, domain_slots: Tensor, aux_slots: Tensor | None = None) -> Iterator[None]:
+    def routing(self, domain_slots: Tensor, aux_slots: Tensor | None = None,
+                wide: tuple[Tensor, Tensor] | None = None) -> Iterator[None]:
         """Context manager form of :meth:`set_routing`; clears the routing on exit."""
-        with self.router.routing(domain_slots, aux_slots):
+        with self.router.routing(domain_slots, aux_slots, wide):
             yield
 
     def adapter_params(self, domain: str | None = None) -> dict[str, nn.Parameter]:
@@ -184,6 +195,8 @@ def inject(
     aux_values: list[str] | None = None,
     *,
     root: str = "tower",
+    wide: WideSpec | None = None,
+    out: str = "out",
 ) -> AdaptedModel:
     """Swap the target Linears of ``model.<root>`` for adapted layers, in place; freeze the rest.
 
@@ -198,6 +211,9 @@ def inject(
         domains: domain names, slot order.
         aux_values: values of the auxiliary division ``config.aux`` (``multilora`` only).
         root: qualified name of the tower inside ``model`` ("" for the whole model).
+        wide: the features of the wide adapter ``config.wide`` names (the trainer builds it
+            from the schema); required when ``config.wide`` is set.
+        out: qualified name of the output layer the wide adapter wraps.
 
     Returns:
         The :class:`AdaptedModel` handle.
@@ -210,7 +226,9 @@ def inject(
         tower = model.get_submodule(root)
     except AttributeError:
         raise ValueError(f"root: model has no submodule {root!r}") from None
-    if any(isinstance(m, _AdaptedLinear) for m in model.modules()):
+    if bool(config.wide) != bool(wide):
+        raise ValueError(f"wide: config.wide {config.wide} needs a WideSpec of its features, got {wide}")
+    if any(isinstance(m, DomainModule) for m in model.modules()):
         raise ValueError("model: already has adapters; inject once per model")
     if not domains or len(set(domains)) != len(domains):
         raise ValueError(f"domains: expected distinct names, got {domains}")
@@ -254,4 +272,9 @@ def inject(
         parent, _, child = name.rpartition(".")
         setattr(tower.get_submodule(parent), child, layer)
         layers[f"{root}.{name}" if root else name] = layer
+    if wide:
+        parent, _, child = out.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        layers[out] = WideOutput(getattr(owner, child), domains, wide, router)
+        setattr(owner, child, layers[out])
     return AdaptedModel(model, config, layers, router)

@@ -99,9 +99,12 @@ class Router:
         self.fast_path = fast_path
         self.domain: Route | None = None
         self.aux: Route | None = None
+        self.wide: tuple[Tensor, Tensor] | None = None
 
-    def set(self, domain_slots: Tensor, aux_slots: Tensor | None = None) -> None:
-        """Route the next forward(s): ``domain_slots`` [B] (and ``aux_slots`` [B] for MultiLoRA)."""
+    def set(self, domain_slots: Tensor, aux_slots: Tensor | None = None,
+            wide: tuple[Tensor, Tensor] | None = None) -> None:
+        """Route the next forward(s): ``domain_slots`` [B] (and ``aux_slots`` [B] for MultiLoRA;
+        ``wide``: the rows' ids [B, S] and dense block [B, N] for a wide adapter)."""
         domain = Route.of(domain_slots, "domain_slots", self.fast_path)
         aux = None if aux_slots is None else Route.of(aux_slots, "aux_slots", self.fast_path)
         if aux is not None and aux.slots.shape != domain.slots.shape:
@@ -110,16 +113,17 @@ class Router:
             )
         if aux is not None and bool(((aux.slots < 0) & (domain.slots >= 0)).any()):
             raise ValueError("aux_slots: -1 on a row with a domain adapter (MultiLoRA needs it)")
-        self.domain, self.aux = domain, aux
+        self.domain, self.aux, self.wide = domain, aux, wide
 
     def clear(self) -> None:
         """Forget the slots (a forward without routing then fails loudly)."""
-        self.domain = self.aux = None
+        self.domain = self.aux = self.wide = None
 
     @contextmanager
-    def routing(self, domain_slots: Tensor, aux_slots: Tensor | None = None) -> Iterator[None]:
+    def routing(self, domain_slots: Tensor, aux_slots: Tensor | None = None,
+                wide: tuple[Tensor, Tensor] | None = None) -> Iterator[None]:
         """``with router.routing(slots): model(...)`` sets the slots and clears them afterwards."""
-        self.set(domain_slots, aux_slots)
+        self.set(domain_slots, aux_slots, wide)
         try:
             yield
         finally:
@@ -280,16 +284,14 @@ class RoutedLoRA(_Cached):
         return base(x).addmm_(h, torch.cat([second, bias]))
 
 
-class _AdaptedLinear(_Cached):
-    """Frozen base Linear + domain-keyed containers; per-domain state for bundles."""
+class DomainModule(_Cached):
+    """Frozen base module + domain-keyed containers; per-domain state for bundles."""
 
     #: container path -> key of the domain's tensors in :meth:`domain_state`.
     DOMAIN_PARTS: dict[str, str] = {}
 
-    def __init__(self, base: nn.Linear, router: Router | None) -> None:
+    def __init__(self, base: nn.Module, router: Router | None) -> None:
         super().__init__()
-        if type(base) is not nn.Linear:
-            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
         self.base = base.requires_grad_(False)
         self.domains: list[str] = []
         self.router = router if router is not None else Router()
@@ -298,7 +300,8 @@ class _AdaptedLinear(_Cached):
         """Add a zero-update adapter for domain ``name`` (slot ``len(domains)``); others untouched."""
         if name in self.domains:
             raise ValueError(f"domain {name!r}: already has an adapter")
-        self._new_domain(domain_key(name), self.base.weight.device, self.base.weight.dtype)
+        like = next(self.base.parameters())
+        self._new_domain(domain_key(name), like.device, like.dtype)
         self.domains.append(name)
         self._stacks.clear()
 
@@ -342,6 +345,15 @@ class _AdaptedLinear(_Cached):
             if state[k].shape != t.shape:
                 raise ValueError(f"domain {domain!r}: {k} is {state[k].shape}, expected {t.shape}")
             t.copy_(state[k])
+
+
+class _AdaptedLinear(DomainModule):
+    """Frozen base Linear + domain-keyed containers (LoRA-style layers of a tower)."""
+
+    def __init__(self, base: nn.Linear, router: Router | None) -> None:
+        if type(base) is not nn.Linear:
+            raise TypeError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        super().__init__(base, router)
 
     def _flat(self, x: Tensor, aux_values: list[str] | None = None) -> tuple[Tensor, list[Route]]:
         """x [B, *, d_in] as [N, d_in] and the checked routes repeated to N rows."""

@@ -77,6 +77,7 @@ def prepare(args: argparse.Namespace, data_seed: int, work: Path) -> dict:
                 "items": args.items,
                 "days": args.days,
                 "seed": data_seed,
+                "shifts": args.shifts,
             }
             _log(f"gen-logs {gen} -> {root}")
             generate(str(root), **gen)
@@ -180,7 +181,7 @@ def _predictions(path: Path, label: str) -> dict[str, np.ndarray]:
 
 def run_cell(args: argparse.Namespace, data: dict, data_seed: int, seed: int, work: Path) -> dict:
     """Pretrain, adapt and score on a fresh registry; the cell's figures and stage times."""
-    from mdlora.adapters.registry import Registry
+    from mdlora.infra.artifacts import Registry
     from mdlora.infra.adapt import adapt
     from mdlora.infra.pretrain import load_schema, pretrain
     from mdlora.infra.score import Scorer
@@ -302,6 +303,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--users", type=int, default=SYNTH["users"])
     g.add_argument("--items", type=int, default=SYNTH["items"])
     g.add_argument("--days", type=int, default=SYNTH["days"])
+    g.add_argument(
+        "--shifts",
+        default="a",
+        help="shift families of the generated logs (gen-logs --shifts: a comma list of a-e)",
+    )
     p.add_argument(
         "--data-seeds", type=ints, default=[0], help="gen-logs seeds / MovieLens split seeds"
     )

@@ -57,7 +57,7 @@ from mdlora.infra.runs import (
 )
 from mdlora.infra.storage import open_fs
 from mdlora.progress import Progress, counted
-from mdlora.trainer.adapt import DomainResult, Head, materialise, train_mlora, train_multilora
+from mdlora.trainer.adapt import DomainResult, Head, materialise, train_mlora, train_multilora, wide_spec
 from mdlora.trainer.backbone import build_backbone
 from mdlora.trainer.config import AdaptConfig, RunConfig, local_batch
 from mdlora.trainer.recipes import build_frozen
@@ -100,6 +100,7 @@ def materialise_worker(config: dict) -> None:
     backbone = build_frozen(from_dict(RunConfig, config["run"]), cfg.dist, env, schema, config["backbone"],
                             cfg.data.batch_size)
     conv, local = BatchConverter(schema), local_batch(cfg.data.batch_size, env.world_size)
+    wide = wide_spec(schema, cfg.lora)
 
     def save(directory: Path) -> None:
         index: dict[str, int] = {}
@@ -109,7 +110,7 @@ def materialise_worker(config: dict) -> None:
                 progress = Progress(f"materialise {split} (rank {env.rank})", data.num_rows() // env.world_size)
                 feats = materialise(backbone, counted(data.iter_batches(
                     local, rank=env.rank, world_size=env.world_size, shuffle=False, drop_last=False,
-                    prefetch=cfg.data.prefetch, converter=conv), progress))
+                    prefetch=cfg.data.prefetch, converter=conv), progress), wide)
                 progress.close()
                 features.write_rank(directory, i, split, feats, schema.domain.values, env.rank, index)
         features.write_index(directory, env.rank, index, Head.of(backbone) if env.is_main else None)
@@ -143,14 +144,14 @@ def _train_task(item: dict) -> tuple[list[DomainResult], dict]:
     """Ray task: load this task's domains' features from the cache and train them (module-level
     for pickling). MLoRA: each domain independently; MultiLoRA: jointly (shared aux LoRAs)."""
     setup_logging()  # a Ray task: its progress lines reach the driver's output
-    cache, cfg, vocab = item["cache"], item["cfg"], item["vocab"]
+    cache, cfg, vocab, wide = item["cache"], item["cfg"], item["vocab"], item["wide"]
     head = cache.head(item["head"])
     splits = cache.load(item["domains"], cfg.loop.seed)
     if item["aux"] is None:
-        return train_mlora(head, cfg.lora, vocab, item["domains"], splits, cfg.train, cfg.loop), {}
+        return train_mlora(head, cfg.lora, vocab, item["domains"], splits, cfg.train, cfg.loop, wide), {}
     col, values = item["aux"]
     return train_multilora(head, cfg.lora, vocab, item["domains"], values, col, splits, cfg.train, cfg.loop,
-                           item["shared"])
+                           item["shared"], wide)
 
 
 def train_domains(cfg: AdaptConfig, head: Head, schema: Schema, domains: list[str], cache: FeatureCache,
@@ -159,7 +160,8 @@ def train_domains(cfg: AdaptConfig, head: Head, schema: Schema, domains: list[st
     domains partitioned over ``train.tasks`` tasks (equal rows, largest first), MultiLoRA in one.
     ``head`` is the architecture; each task loads the frozen weights from the cache."""
     vocab = schema.domain.values
-    base = {"cache": cache, "cfg": cfg, "vocab": vocab, "head": head, "aux": None, "shared": shared}
+    base = {"cache": cache, "cfg": cfg, "vocab": vocab, "head": head, "aux": None, "shared": shared,
+            "wide": wide_spec(schema, cfg.lora)}
     if cfg.lora.method == "multilora":
         aux = next((i for i, a in enumerate(schema.aux) if a.name == cfg.lora.aux), None)
         if aux is None:
@@ -237,6 +239,7 @@ class NoTrainingRows(ValueError):
 
 def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, sources: list[Source],
          shared: dict | None, promote_new: bool = True, run: str = "") -> dict:
+    wide_spec(schema, cfg.lora)  # a bad lora.wide name fails here, before any worker starts
     t0 = time.time()
     name = f"adapt-{cfg.output.model}-{int(t0)}-{uuid.uuid4().hex[:8]}"  # concurrent jobs: own run dirs
     model = build_backbone(schema, backbone.run.model, build_ebc(schema, "meta"))

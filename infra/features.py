@@ -3,7 +3,7 @@
 Written by the materialisation's Ray Train ranks into their checkpoint (``output.run_dir``,
 local, a shared file system or s3://), one file per (split, domain, source, rank)::
 
-    features/<split>/<domain>/s<source>-rank<r>.safetensors   x [n, E] f32, labels, domains, aux
+    features/<split>/<domain>/s<source>-rank<r>.safetensors   x [n, E] f32, labels, domains, aux, ids
     rows-rank<r>.json                                           {"<split>/<domain>/s<source>": n}
     head.safetensors                                            the frozen tower + output layer
 
@@ -30,7 +30,7 @@ from mdlora.trainer.features import Features, Head
 SPLITS = ("train", "validation", "test")
 ALL = "all"
 """A source whose one dataset is divided 9:1 into train/validation per domain (``loop.seed``)."""
-_KEYS = ("x", "labels", "domains", "aux")
+_KEYS = ("x", "labels", "domains", "aux", "ids")  # Features.tensors() order
 _HEAD = "head.safetensors"
 
 

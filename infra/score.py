@@ -40,6 +40,7 @@ from mdlora.infra.logs import parquet_dataset
 from mdlora.infra.storage import is_s3, open_fs
 from mdlora.progress import Progress
 from mdlora.trainer.metrics import DomainMetrics, format_table
+from mdlora.trainer.features import wide_ids, wide_spec
 from mdlora.trainer.recipes import load_unsharded
 
 ROWS = 65536
@@ -70,13 +71,17 @@ class Served:
                 logits = self.backbone(batch.sparse, batch.dense)
             else:
                 aux = None if self.aux_col is None else batch.aux[:, self.aux_col]
+                spec = self.adapted.wide
+                wide = None if spec is None else (wide_ids(spec, batch.sparse), batch.dense)
                 logits = self._routed_head(self.backbone.embed(batch.sparse, batch.dense),
-                                           torch.from_numpy(slots[lo:lo + ROWS]), aux)
+                                           torch.from_numpy(slots[lo:lo + ROWS]), aux, wide)
             probs[lo:lo + len(batch)] = torch.sigmoid(logits).numpy()
         return probs
 
-    def _routed_head(self, x: torch.Tensor, slots: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
-        """Logits [N] of embedding outputs ``x`` [N, E], each row through its own adapter.
+    def _routed_head(self, x: torch.Tensor, slots: torch.Tensor, aux: torch.Tensor | None,
+                     wide: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Logits [N] of embedding outputs ``x`` [N, E], each row through its own adapter
+        (``wide``: the rows' ids and dense block, for a wide adapter).
 
         Rows are grouped by (domain, aux) slot so each group takes the adapters' single-slot
         fast path: on CPU a mixed batch's per-row masking cost 2.6x the tower, grouping 1.15x.
@@ -85,7 +90,8 @@ class Served:
         order = torch.argsort(key, stable=True)
         logits = torch.empty(len(x))
         for idx in torch.split(order, torch.unique_consecutive(key[order], return_counts=True)[1].tolist()):
-            with self.adapted.routing(slots[idx], None if aux is None else aux[idx]):
+            with self.adapted.routing(slots[idx], None if aux is None else aux[idx],
+                                      None if wide is None else (wide[0][idx], wide[1][idx])):
                 logits[idx] = self.backbone.head(x[idx])
         return logits
 
@@ -96,17 +102,17 @@ def _serve(info: BackboneInfo, loaded: dict[str, Bundle]) -> Served:
     served = Served(info, schema, load_unsharded(info.path, schema, info.run.model).backbone, None)
     if not loaded:
         return served
-    configs = {d: b.manifest.lora for d, b in loaded.items()}
-    first = next(iter(configs.values()))
-    if any(c != first for c in configs.values()):
+    configs = {d: from_dict(LoraConfig, b.manifest.lora) for d, b in loaded.items()}  # defaults filled in
+    lora = next(iter(configs.values()))
+    if any(c != lora for c in configs.values()):
         raise ValueError(f"bundles: LoRA configs differ across domains on backbone {info.version} {configs}; "
                          "score them separately")
-    lora = from_dict(LoraConfig, first)
     aux_values = None
     if lora.method == "multilora":
         served.aux_col = [a.name for a in schema.aux].index(lora.aux)
         aux_values = schema.aux[served.aux_col].values
-    served.adapted = inject(served.backbone, lora, list(loaded), aux_values, root="tower")
+    served.adapted = inject(served.backbone, lora, list(loaded), aux_values, root="tower",
+                            wide=wide_spec(schema, lora))
     shared = None
     for d, b in loaded.items():
         if shared is not None and any(not torch.equal(shared[k], b.shared[k]) for k in shared):

@@ -42,13 +42,14 @@ from torch import Tensor, nn
 from mdlora.adapters.config import LoraConfig
 from mdlora.adapters.inject import AdaptedModel, inject
 from mdlora.adapters.lora import DomainLoRALinear
+from mdlora.adapters.wide import WideSpec
 from mdlora.progress import Progress
 from mdlora.trainer.config import AdaptTrainConfig, LoopConfig
-from mdlora.trainer.features import Features, Head, materialise, predict
+from mdlora.trainer.features import Features, Head, materialise, predict, wide_spec
 from mdlora.trainer.metrics import DomainMetrics
 
 __all__ = ["DomainResult", "Features", "Head", "compare", "domain_seed", "gain_confidence", "materialise",
-           "predict", "train_mlora", "train_mlora_domain", "train_multilora"]
+           "predict", "train_mlora", "train_mlora_domain", "train_multilora", "wide_spec"]
 SPLITS = ("validation", "test")
 
 
@@ -173,12 +174,15 @@ def _initial_states(adapted: AdaptedModel, lora: LoraConfig, domains: list[str],
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(domain_seed(seed, d))
             for layer in adapted.layers.values():
+                if not isinstance(layer, DomainLoRALinear):
+                    continue  # the wide adapter starts at zero: no draw
                 fresh = DomainLoRALinear(layer.base, [d], layer.lora.rank, scaling=lora.scaling, init=lora.init)
                 layer.load_domain_state(d, fresh.domain_state(d))
 
 
 def train_mlora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[str],
-                splits: dict[str, Features], cfg: AdaptTrainConfig, loop: LoopConfig) -> list[DomainResult]:
+                splits: dict[str, Features], cfg: AdaptTrainConfig, loop: LoopConfig,
+                wide: WideSpec | None = None) -> list[DomainResult]:
     """Train each of ``domains`` (ids into ``vocab``) on its own rows, ``cfg.pack`` at a time.
 
     A pack of P domains shares one routed model but nothing else (:func:`_train_domains`), so a
@@ -193,6 +197,7 @@ def train_mlora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[st
         splits: ``train`` (required), ``validation`` and ``test`` (optional) features.
         cfg: learning rate, batch size, pack size.
         loop: ``epochs``, ``patience`` (epochs without a better validation score), ``seed``.
+        wide: the features of ``lora.wide`` (:func:`wide_spec`), whose ids ``splits`` carry.
 
     Returns:
         One :class:`DomainResult` per domain (state at its best validation epoch), in order.
@@ -200,7 +205,7 @@ def train_mlora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[st
     out, grouped = [], {s: _by_domain(f, len(vocab)) for s, f in splits.items()}
     for lo in range(0, len(domains), cfg.pack):
         pack, model = domains[lo:lo + cfg.pack], copy.deepcopy(head)
-        adapted = inject(model, lora, pack, root="tower")
+        adapted = inject(model, lora, pack, root="tower", wide=wide)
         _initial_states(adapted, lora, pack, loop.seed)
         start = {d: adapted.state_for(d) for d in pack}
         ids = sorted(vocab.index(d) for d in pack)
@@ -237,10 +242,10 @@ def _halves(adapted: AdaptedModel, pack: list[str], part: dict[str, Features], s
 
 
 def train_mlora_domain(head: Head, lora: LoraConfig, domain: str, splits: dict[str, Features],
-                       cfg: AdaptTrainConfig, loop: LoopConfig) -> DomainResult:
+                       cfg: AdaptTrainConfig, loop: LoopConfig, wide: WideSpec | None = None) -> DomainResult:
     """:func:`train_mlora` of one domain whose rows are all of ``splits``."""
-    own = {s: Features(f.x, f.labels, torch.zeros_like(f.domains), f.aux) for s, f in splits.items()}
-    return train_mlora(head, lora, [domain], [domain], own, cfg, loop)[0]
+    own = {s: Features(f.x, f.labels, torch.zeros_like(f.domains), f.aux, f.ids) for s, f in splits.items()}
+    return train_mlora(head, lora, [domain], [domain], own, cfg, loop, wide)[0]
 
 
 def _by_domain(f: Features, k: int) -> tuple[Features, list[Tensor]]:
@@ -309,7 +314,8 @@ def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], pa
             idx = torch.cat([j for _, j in batch])
             weight = torch.cat([torch.full((len(j),), 1.0 / len(j)) for _, j in batch])
             model.train()
-            with adapted.routing(slots["train"][idx], None if aux_col is None else train.aux[idx, aux_col]):
+            with adapted.routing(slots["train"][idx], None if aux_col is None else train.aux[idx, aux_col],
+                                 train.wide(adapted.wide, idx)):
                 per_row = F.binary_cross_entropy_with_logits(model(train.x[idx]), train.labels[idx],
                                                              reduction="none")
             opt.zero_grad(set_to_none=True)
@@ -387,7 +393,7 @@ def _train_joint(model: nn.Module, adapted: AdaptedModel, part: dict[str, Featur
         order = _batches(len(train), cfg.batch_size, gen)
         for i, idx in enumerate(order):  # validate every eval_every steps and after the last
             model.train()
-            with adapted.routing(slots["train"][idx], train.aux[idx, aux_col]):
+            with adapted.routing(slots["train"][idx], train.aux[idx, aux_col], train.wide(adapted.wide, idx)):
                 loss = F.binary_cross_entropy_with_logits(model(train.x[idx]), train.labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -405,8 +411,8 @@ def _train_joint(model: nn.Module, adapted: AdaptedModel, part: dict[str, Featur
 
 def train_multilora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[str],
                     aux_values: list[str], aux_col: int, splits: dict[str, Features],
-                    cfg: AdaptTrainConfig, loop: LoopConfig,
-                    shared: dict[str, Tensor] | None = None) -> tuple[list[DomainResult], dict[str, Tensor]]:
+                    cfg: AdaptTrainConfig, loop: LoopConfig, shared: dict[str, Tensor] | None = None,
+                    wide: WideSpec | None = None) -> tuple[list[DomainResult], dict[str, Tensor]]:
     """Train MultiLoRA adapters of ``domains``: shared aux LoRAs jointly, then each domain alone.
 
     Stage 1 (``shared`` None): :func:`_train_joint` picks a shared state every domain was
@@ -426,6 +432,7 @@ def train_multilora(head: Head, lora: LoraConfig, vocab: list[str], domains: lis
         loop: ``epochs``, ``patience`` (for each stage), ``seed``.
         shared: aux LoRA state to start from and keep frozen (``add-domain``: deployed domains
             share it); None trains it (stage 1).
+        wide: as in :func:`train_mlora`.
 
     Returns:
         ``(results, shared state)``; ``best_epoch``/``history`` are stage 2's (0: the stage-1
@@ -434,7 +441,7 @@ def train_multilora(head: Head, lora: LoraConfig, vocab: list[str], domains: lis
     model = copy.deepcopy(head)
     with torch.random.fork_rng():
         torch.manual_seed(domain_seed(loop.seed, ",".join(domains)))
-        adapted = inject(model, lora, list(domains), aux_values, root="tower")
+        adapted = inject(model, lora, list(domains), aux_values, root="tower", wide=wide)
     part, slots = _routed(adapted, vocab, splits)
     if shared is None:
         _train_joint(model, adapted, part, slots, aux_col, cfg, loop)
