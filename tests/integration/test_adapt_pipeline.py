@@ -157,3 +157,22 @@ def test_score_refuses_a_bundle_of_another_backbone(world, tmp_path):
     version = registry.publish("adapters", "d00", forged)
     with pytest.raises(BundleError, match="backbone"):
         Scorer(str(reg), "ctr", bundles={"d00": version})
+
+
+def test_wide_adapters_train_publish_and_score_as_trained(world, tmp_path):
+    """lora.wide through adapt (ids cached beside x by the sharded materialisation) and score
+    (ids from the rows): the scorer's per-domain test AUC is the one adapt measured."""
+    reg = tmp_path / "reg"
+    shutil.copytree(world["reg"], reg)
+    cfg = load_adapt_config(None, world["overrides"] + [f"output.root={reg}", 'lora.wide=["*"]', "loop.epochs=3"])
+    summary = adapt(cfg)
+    versions = {d: b["version"] for d, b in summary["bundles"].items()}
+    assert read_manifest(str(reg / "adapters" / "d01" / versions["d01"]))["lora"]["wide"] == ["*"]
+    scored = Scorer(str(reg), "ctr", bundles=versions).score_dataset(str(world["logs"] / "test"),
+                                                                     str(tmp_path / "preds.parquet"))
+    moved = 0
+    for d, b in summary["bundles"].items():
+        test = b["metrics"]["test"]
+        assert scored["domains"][d]["auc"] == pytest.approx(test["auc_adapter"], abs=2e-6), d
+        moved += test["auc_adapter"] != test["auc_backbone"]
+    assert moved, summary["bundles"]  # some domain kept a trained state: the wide path was exercised
