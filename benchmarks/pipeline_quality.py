@@ -116,6 +116,20 @@ def prepare(args: argparse.Namespace, data_seed: int, work: Path) -> dict:
     }
 
 
+def with_domain_feature(schema_path: str, out: Path) -> str:
+    """The "Mix + domain indicator" baseline's schema: ``schema_path`` plus a sparse feature that
+    embeds the domain column (its own table), written to ``out``; returns its path."""
+    from mdlora.embeddings.schema import Schema
+
+    d = Schema.load(schema_path).to_dict()
+    dim = d["tables"][0]["dim"]
+    d["tables"].append({"name": "domain_indicator", "num_embeddings": 64, "dim": dim})
+    d["sparse"].append({"name": "domain_indicator", "table": "domain_indicator",
+                        "column": d["domain"]["column"], "policy": "hash"})
+    out.write_text(Schema.from_dict(d).dump())
+    return str(out)
+
+
 # ---- one cell: pretrain -> adapt -> score -------------------------------------------------------
 
 
@@ -260,6 +274,8 @@ def run_all(args: argparse.Namespace) -> dict:
     try:
         for ds in args.data_seeds:
             data = prepare(args, ds, work)
+            if args.domain_feature:
+                data["schema"] = with_domain_feature(data["schema"], work / f"schema-domain-{ds}.yaml")
             sources[str(ds)] = data["source"]
             for seed in seeds:
                 cells.append(run_cell(args, data, ds, seed, work))
@@ -312,6 +328,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--data-seeds", type=ints, default=[0], help="gen-logs seeds / MovieLens split seeds"
     )
     p.add_argument("--seeds", type=int, default=1, help="training seeds per data seed (loop.seed)")
+    p.add_argument(
+        "--domain-feature",
+        action="store_true",
+        help='the "Mix + domain indicator" backbone: the domain column is also an embedded feature',
+    )
     p.add_argument("--seed-base", type=int, default=0)
     g = p.add_argument_group("pretrain (RunConfig)")
     g.add_argument(
