@@ -333,6 +333,21 @@ def test_a_wide_adapter_fits_a_per_domain_id_effect_that_the_tower_lora_cannot()
     assert wide[0].state["out.wide"].shape == (10,) and set(tower[0].state) < set(wide[0].state)
 
 
+def test_multilora_trains_a_wide_adapter_beside_its_shared_aux_loras():
+    head = _head()
+    splits = {s: _id_shifted(head, n, seed) for s, n, seed in (("train", 6000, 1), ("validation", 1500, 2),
+                                                               ("test", 1500, 3))}
+    for f in splits.values():
+        f.aux = torch.randint(0, 2, (len(f), 1), generator=torch.Generator().manual_seed(0))
+    lora = LoraConfig(method="multilora", alpha=4, aux="g", wide=["f"])
+    results, shared = train_multilora(head, lora, VOCAB, VOCAB, ["F", "M"], 0, splits, CFG,
+                                      LoopConfig(epochs=3, patience=2), wide=WideSpec(sparse=(("f", 10, 1),),
+                                                                                      num_dense=1))
+    assert shared and not any("wide" in k for k in shared)  # the wide tables are each domain's own
+    a = results[0].metrics["test"]
+    assert results[0].state["out.wide"].abs().sum() > 0 and a["auc_adapter"] > a["auc_backbone"] + 0.03, a
+
+
 def test_wide_spec_reads_the_schema_and_names_a_bad_feature(tiny_schema_dict):
     schema = Schema.from_dict(tiny_schema_dict)
     spec = wide_spec(schema, LoraConfig(wide=["*"], wide_buckets=4))
