@@ -140,9 +140,8 @@ def _set(section: dict, **values) -> dict:
 
 def configs(args: argparse.Namespace, data: dict, seed: int, root: Path):
     """The pretrain :class:`RunConfig` and the :class:`AdaptConfig` of one cell (flags + ``--*-set``)."""
-    from mdlora.trainer.config import AdaptConfig, RunConfig
-
     from mdlora.config import apply_overrides, from_dict, to_dict
+    from mdlora.trainer.config import AdaptConfig, RunConfig
 
     paths = {k: data[k] for k in ("schema", "train", "val", "test")}
     output = {"root": str(root), "model": MODEL}
@@ -195,13 +194,12 @@ def _predictions(path: Path, label: str) -> dict[str, np.ndarray]:
 
 def run_cell(args: argparse.Namespace, data: dict, data_seed: int, seed: int, work: Path) -> dict:
     """Pretrain, adapt and score on a fresh registry; the cell's figures and stage times."""
-    from mdlora.infra.artifacts import Registry
+    from mdlora.config import to_dict
     from mdlora.infra.adapt import adapt
+    from mdlora.infra.artifacts import Registry
     from mdlora.infra.pretrain import load_schema, pretrain
     from mdlora.infra.score import Scorer
     from mdlora.infra.storage import open_fs
-
-    from mdlora.config import to_dict
 
     cell = f"data {data_seed} seed {seed}"
     root = work / f"registry-d{data_seed}-s{seed}"
@@ -260,9 +258,8 @@ def run_cell(args: argparse.Namespace, data: dict, data_seed: int, seed: int, wo
 def run_all(args: argparse.Namespace) -> dict:
     """Every data seed x training seed; the outputs are rewritten after each cell, so an
     interrupted run leaves what finished."""
-    from mdlora.infra.log import setup_logging
-
     from benchmarks.pipeline_quality_report import markdown, summarise
+    from mdlora.infra.log import setup_logging
 
     setup_logging()
     t0 = time.time()

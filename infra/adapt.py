@@ -57,7 +57,14 @@ from mdlora.infra.runs import (
 )
 from mdlora.infra.storage import open_fs
 from mdlora.progress import Progress, counted
-from mdlora.trainer.adapt import DomainResult, Head, materialise, train_mlora, train_multilora, wide_spec
+from mdlora.trainer.adapt import (
+    DomainResult,
+    Head,
+    materialise,
+    train_mlora,
+    train_multilora,
+    wide_spec,
+)
 from mdlora.trainer.backbone import build_backbone
 from mdlora.trainer.config import AdaptConfig, RunConfig, local_batch
 from mdlora.trainer.recipes import build_frozen

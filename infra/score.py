@@ -39,8 +39,8 @@ from mdlora.infra.artifacts import BackboneInfo, Bundle, BundleError, open_backb
 from mdlora.infra.logs import parquet_dataset
 from mdlora.infra.storage import is_s3, open_fs
 from mdlora.progress import Progress
-from mdlora.trainer.metrics import DomainMetrics, format_table
 from mdlora.trainer.features import wide_ids, wide_spec
+from mdlora.trainer.metrics import DomainMetrics, format_table
 from mdlora.trainer.recipes import load_unsharded
 
 ROWS = 65536

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdlora.adapters.config import LoraConfig

@@ -10,10 +10,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from mdlora.adapters.config import LoraConfig
 from mdlora.adapters.inject import inject
+from mdlora.adapters.wide import WideSpec
 from mdlora.embeddings.batch import BatchConverter
 from mdlora.embeddings.schema import Schema
 from mdlora.embeddings.tables import build_ebc
-from mdlora.adapters.wide import WideSpec
 from mdlora.trainer.adapt import (
     Features,
     Head,
