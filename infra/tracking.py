@@ -232,7 +232,6 @@ def start(tracking: TrackingConfig, output: OutputConfig, *, job: str, name: str
     where = target(tracking, output)
     if where is None:
         return OFF
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     _quiet()  # after the import: mlflow sets its own logger's level on import
@@ -247,7 +246,8 @@ def start(tracking: TrackingConfig, output: OutputConfig, *, job: str, name: str
             exp_id = exp.experiment_id if exp else client.create_experiment(
                 where.experiment, artifact_location=where.artifacts or None)
             run = client.create_run(exp_id, run_name=name, tags={"mdlora.job": job, "mdlora.model": output.model})
-    except (MlflowException, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - MlflowException, OSError, sqlalchemy's errors: all name the store
+
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         what = (f"tracking.uri: cannot open the MLflow store {where.uri!r}" if tracking.uri else
                 f"tracking: cannot open the embedded MLflow store {where.uri!r} (set tracking.uri, or "
