@@ -238,9 +238,7 @@ def start(tracking: TrackingConfig, output: OutputConfig, *, job: str, name: str
 
     store = _local_store(where.uri)
     try:
-        if store:
-            os.makedirs(os.path.dirname(store) or ".", exist_ok=True)
-        with _few_retries():
+        with _few_retries(), _store_lock(store):
             client = MlflowClient(where.uri)
             exp = client.get_experiment_by_name(where.experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(
@@ -262,6 +260,24 @@ def start(tracking: TrackingConfig, output: OutputConfig, *, job: str, name: str
     tracker.tags(dict(tags or {}))
     log.debug("tracking %s run %s in experiment %s at %s", job, name, where.experiment, where.uri)
     return tracker
+
+
+@contextlib.contextmanager
+def _store_lock(store: str) -> Iterator[None]:
+    """Serialise opening a local store among this host's jobs: the first one creates its tables,
+    and jobs started together (four ``add-domain`` at once) must not each migrate a new file."""
+    if not store:
+        yield
+        return
+    import fcntl
+
+    os.makedirs(os.path.dirname(store) or ".", exist_ok=True)
+    with open(f"{store}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
