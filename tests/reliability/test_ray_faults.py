@@ -99,7 +99,6 @@ def test_four_add_domain_jobs_at_once(world, new_domains, cluster, tmp_path):
     from mlflow.tracking import MlflowClient  # the four opened one new tracking store together
 
     client = MlflowClient(f"sqlite:///{reg_root}/tracking/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("mdlora-ctr").experiment_id])
-    assert sorted(r.data.tags["mdlora.adapter." + d + ".version"] for r in runs for d in NEW_DOMAINS
-                  if f"mdlora.adapter.{d}.version" in r.data.tags) == ["v0001"] * len(NEW_DOMAINS)
-    assert {r.info.status for r in runs} == {"FINISHED"}
+    runs = {d: r for r in client.search_runs([client.get_experiment_by_name("mdlora-ctr").experiment_id])
+            for d in NEW_DOMAINS if r.data.tags.get(f"mdlora.adapter.{d}.version") == "v0001"}
+    assert sorted(runs) == sorted(NEW_DOMAINS) and {r.info.status for r in runs.values()} == {"FINISHED"}
