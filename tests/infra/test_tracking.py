@@ -122,3 +122,12 @@ def test_a_bad_uri_is_refused_at_once_naming_tracking_uri(tmp_path, uri):
 def test_flatten_names_every_leaf_by_its_dotted_key():
     assert tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}, "e": {}}, "f": "x"}) == {
         "a.b": "1", "a.c.d": "[1, 2]", "a.e": "{}", "f": "x"}
+
+
+def test_a_retrain_takes_its_tracking_from_pretrain():
+    from mdlora.trainer.config import load_retrain_config
+
+    gate = ["gate.holdout=h"]
+    with pytest.raises(ConfigError, match="adapt.tracking: taken from pretrain.tracking"):
+        load_retrain_config(None, gate + ["adapt.tracking.experiment=x"])
+    assert load_retrain_config(None, gate + ["pretrain.tracking.experiment=x"]).pretrain.tracking.experiment == "x"
