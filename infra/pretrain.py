@@ -117,6 +117,7 @@ def worker(config: dict) -> None:
 
 def pretrain(cfg: RunConfig, *, run_name: str | None = None) -> dict:
     """Train the backbone on ``cfg.dist.world_size`` workers and publish it; returns a summary.
+    The job is one MLflow run of ``cfg.tracking`` (:mod:`mdlora.infra.tracking`).
 
     Args:
         cfg: the run config.
@@ -164,8 +165,11 @@ def _track(tracker: tracking.Tracker, summary: dict, latest: str | None, schema_
     state = {}
     if latest:
         fs, path = open_fs(latest)
-        with fs.open(f"{path.rstrip('/')}/{STATE_FILE}", "r") as f:
-            state = json.load(f)
+        try:
+            with fs.open(f"{path.rstrip('/')}/{STATE_FILE}", "r") as f:
+                state = json.load(f)
+        except (OSError, ValueError) as e:  # published already: the history is not worth failing the job
+            log.warning("tracking: no evaluation history from %s: %s", latest, e)
     tracking.log_history(tracker, state.get("history", []), state.get("losses", []))
     tracker.tags({"mdlora.backbone_hash": summary["content_hash"], "mdlora.backbone_version": summary["version"],
                   "mdlora.registry": summary["path"], "mdlora.schema_hash": schema_hash})
