@@ -103,6 +103,13 @@ def test_disk_full_tracking_store(world, tmp_path, capsys):
     line = _one_error(capsys, "score", "tracking")
     assert str(root / "tracking" / "mlflow.db") in line and "tracking.enabled=false" in line
     assert _leftovers(tmp_path / "preds") == []
+    assert main(argv) == 0  # room again: it works, and the store holds the scoring run's figures
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/tracking/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("mdlora-ctr").experiment_id], "tags.`mdlora.job` = 'score'")
+    assert run.info.status == "FINISHED" and run.data.tags["mdlora.backbone_version"] == world["backbone"]["version"]
+    assert run.data.metrics["rows"] > 0 and any(k.startswith("score/d0") for k in run.data.metrics)
 
 
 def test_disk_full_registry_publish(world, tmp_path):
