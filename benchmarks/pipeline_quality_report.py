@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from benchmarks.quality_report import _pm, _stat
 
 CLASSES = ("above", "equal", "below", "n/a")
@@ -80,6 +82,38 @@ def _gates(gates: list[dict]) -> str:
     return "; ".join(out) or "-"
 
 
+def _finetune(cells: list[dict], s: dict) -> list[str]:
+    """The per-domain full fine-tune baseline beside the adapters (``--finetune`` cells only)."""
+    cells = [c for c in cells if c.get("finetune")]
+    if not cells:
+        return []
+    lines = [
+        "## Per-domain full fine-tune (mean over cells)",
+        "",
+        "`pretrain` from the backbone (`model.init_from`) on the domain's rows only, every table and "
+        "layer trained: what a per-domain model reaches. Recovered = adapter gain / fine-tune gain "
+        "(mean gains), where the fine-tune gains >= 0.005.",
+        "",
+        "| domain | fine-tune gain | cells above / equal / below | adapter gain | recovered | trainable "
+        "parameters: adapters / fine-tune |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for d in s["domains"]:
+        runs = [c["finetune"][d] for c in cells if d in c["finetune"]]
+        if not runs:
+            continue
+        ft = float(np.mean([r["gain_finetune"] for r in runs]))
+        ad = float(np.mean([c["domains"][d]["gain"] for c in cells]))
+        cls = [r["class_finetune"] for r in runs]
+        share = f"{ad / ft:.0%}" if ft >= 0.005 else "-"
+        pa, pf = runs[0]["params_adapter"], runs[0]["params_finetune"]
+        lines.append(
+            f"| {d} | {ft:+.4f} | {cls.count('above')} / {cls.count('equal')} / {cls.count('below')} | "
+            f"{ad:+.4f} | {share} | {pa:,} / {pf:,} ({pa / pf:.2%}) |"
+        )
+    return lines + [""]
+
+
 def markdown(res: dict) -> str:
     """Summary table (mean ± sd over cells), a table per cell, stage times and the settings."""
     s, cells = res["summary"], res["cells"]
@@ -137,6 +171,7 @@ def markdown(res: dict) -> str:
         f"LogLoss (total): backbone {_pm(t['logloss_backbone'])}, adapters {_pm(t['logloss_adapters'])}.",
         "",
     ]
+    lines += _finetune(cells, s)
     for cell in cells:
         lines += [
             f"## Cell: data seed {cell['data_seed']}, training seed {cell['seed']}",
