@@ -283,7 +283,11 @@ def finetune(args, run_cfg, backbone: dict, adapted: dict, data: dict, preds: di
         cfg = replace(run_cfg, data=replace(run_cfg.data, domains=[d], batch_size=min(run_cfg.data.batch_size, 512)),
                       model=replace(run_cfg.model, init_from=backbone["version"]))
         t = time.time()
-        tuned = pretrain(cfg, run_name=f"pq-ft-{d}")
+        try:
+            tuned = pretrain(cfg, run_name=f"pq-ft-{d}")
+        except ValueError as e:  # a domain with fewer rows than one batch: no fine-tune of its own
+            _log(f"{cell}: no fine-tune of {d}: {e}")
+            continue
         rows = (preds["backbone"]["domain"] == d)
         scorer = Scorer(str(root), MODEL, backbone_ref=tuned["version"], bundles={})
         domain = pc.cast(test.column(schema.domain.column), pa.string())
@@ -294,6 +298,8 @@ def finetune(args, run_cfg, backbone: dict, adapted: dict, data: dict, preds: di
     ft = compare(preds["backbone"], {**preds["backbone"], "prob": probs}, {}, args.resamples, 0)
     out = {}
     for d, v in ft["domains"].items():
+        if d not in versions:
+            continue
         a = adapted["bundles"].get(d, {})
         out[d] = {"auc_finetune": v["auc_adapter"], "gain_finetune": v["gain"], "p_finetune": v["p"],
                   "class_finetune": v["class"], "params_finetune": total_params,

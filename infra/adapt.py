@@ -24,12 +24,13 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mdlora.adapters.config import LoraConfig
 from mdlora.config import from_dict, to_dict
 from mdlora.embeddings.batch import BatchConverter
 from mdlora.embeddings.schema import Schema
@@ -229,12 +230,13 @@ def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head
     return out
 
 
-def production_shared(cfg: AdaptConfig, backbone: BackboneInfo) -> dict | None:
-    """MultiLoRA aux state of a deployed production bundle (add-domain keeps it frozen), or None."""
+def deployed(cfg: AdaptConfig, backbone: BackboneInfo) -> tuple[LoraConfig, dict] | None:
+    """The LoRA config and MultiLoRA aux state (empty for MLoRA) of the production bundles that run
+    on ``backbone`` (add-domain trains its domain to be served beside them), or None."""
     for bundle in open_bundles(cfg.output.root, backbone.name, None, _cache_dir(cfg)).values():
         # a bundle kept on another backbone version by a retrain's gate shares nothing with this one
-        if bundle.manifest.backbone.content_hash == backbone.content_hash and bundle.manifest.method == "multilora":
-            return bundle.shared
+        if bundle.manifest.backbone.content_hash == backbone.content_hash:
+            return from_dict(LoraConfig, bundle.manifest.lora), bundle.shared
     return None
 
 
@@ -385,7 +387,9 @@ def add_domain(cfg: AdaptConfig, domain: str, data: str | dict[str, str], *, pro
         promote_new: as in :func:`adapt`.
         run: as in :func:`adapt`.
         shared: MultiLoRA: the frozen aux LoRA state; None takes the production bundles' that
-            run on this backbone (or trains one when there are none).
+            run on this backbone (or trains one when there are none). When such bundles exist,
+            their LoRA config replaces ``cfg.lora`` (with a warning where it differs), so that
+            the new domain is served beside them.
 
     Returns:
         As :func:`adapt`.
@@ -401,7 +405,15 @@ def add_domain(cfg: AdaptConfig, domain: str, data: str | dict[str, str], *, pro
         fs, path = open_fs(uri)
         if not fs.exists(path):
             raise FileNotFoundError(f"{uri}: no such dataset")
-    if shared is None and cfg.lora.method == "multilora":
-        shared = production_shared(cfg, backbone)
+    found = deployed(cfg, backbone)
+    if found is not None:  # one LoRA config per backbone, as scoring serves them
+        lora, deployed_shared = found
+        if lora != cfg.lora:
+            log.warning("add-domain %s: trains with the LoRA config of the production bundles on backbone %s %s "
+                        "(%s), not lora %s, to be served beside them", domain, backbone.version, lora.method,
+                        to_dict(lora), to_dict(cfg.lora))
+            cfg = replace(cfg, lora=lora)
+        if shared is None and lora.method == "multilora":
+            shared = deployed_shared
     return _run(cfg, backbone, schema, [Source(splits, [domain])], shared, promote_new, run, job="add-domain")
 

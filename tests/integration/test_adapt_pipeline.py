@@ -7,13 +7,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from mdlora.atomic import sha256_file, sha256_tree, write_json
 from mdlora.embeddings.schema import Schema
-from mdlora.infra.adapt import adapt
+from mdlora.infra.adapt import adapt, add_domain
 from mdlora.infra.artifacts.bundle import BundleError
 from mdlora.infra.artifacts.registry import Registry
 from mdlora.infra.artifacts.sealed import read_manifest
@@ -176,3 +177,13 @@ def test_wide_adapters_train_publish_and_score_as_trained(world, tmp_path):
         assert scored["domains"][d]["auc"] == pytest.approx(test["auc_adapter"], abs=2e-6), d
         moved += test["auc_adapter"] != test["auc_backbone"]
     assert moved, summary["bundles"]  # some domain kept a trained state: the wide path was exercised
+
+    # add-domain trains with the production bundles' LoRA config (tower only, v0001 here), not the
+    # config's: one config per backbone, so the new domain is served beside them
+    assert add_domain(cfg, "late", str(world["logs"] / "heldout" / "d05"))["bundles"]["late"]["promoted"]
+    assert read_manifest(str(reg / "adapters" / "late" / "v0001"))["lora"]["wide"] == []
+    held = ds.dataset(str(world["logs"] / "heldout" / "d05" / "test"), format="parquet", partitioning="hive").to_table()
+    held = held.set_column(held.schema.get_field_index("domain"), "domain", pa.array(["late"] * held.num_rows))
+    scorer = Scorer(str(reg), "ctr")  # every production bundle, "late" with them: one config on the backbone
+    probs, slots = scorer.score(held)
+    assert (slots == scorer.slot["late"]).all() and np.isfinite(probs).all()
