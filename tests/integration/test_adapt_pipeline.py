@@ -180,10 +180,15 @@ def test_wide_adapters_train_publish_and_score_as_trained(world, tmp_path):
 
     # add-domain trains with the production bundles' LoRA config (tower only, v0001 here), not the
     # config's: one config per backbone, so the new domain is served beside them
-    assert add_domain(cfg, "late", str(world["logs"] / "heldout" / "d05"))["bundles"]["late"]["promoted"]
+    late = tmp_path / "late"  # the held-out domain's logs under a name no test uses
+    for split in ("train", "val", "test"):
+        t = ds.dataset(str(world["logs"] / "heldout" / "d05" / split), format="parquet", partitioning="hive").to_table()
+        (late / split).mkdir(parents=True)
+        pq.write_table(t.set_column(t.schema.get_field_index("domain"), "domain", pa.array(["late"] * t.num_rows)),
+                       late / split / "part-0.parquet")
+    assert add_domain(cfg, "late", str(late))["bundles"]["late"]["promoted"]
     assert read_manifest(str(reg / "adapters" / "late" / "v0001"))["lora"]["wide"] == []
-    held = ds.dataset(str(world["logs"] / "heldout" / "d05" / "test"), format="parquet", partitioning="hive").to_table()
-    held = held.set_column(held.schema.get_field_index("domain"), "domain", pa.array(["late"] * held.num_rows))
+    held = pq.read_table(late / "test" / "part-0.parquet")
     scorer = Scorer(str(reg), "ctr")  # every production bundle, "late" with them: one config on the backbone
     probs, slots = scorer.score(held)
     assert (slots == scorer.slot["late"]).all() and np.isfinite(probs).all()
