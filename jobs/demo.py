@@ -18,6 +18,7 @@ from mdlora.infra.log import setup_logging
 
 STEPS = 7
 ALPHA = 32  # LoRA temperature: ranks [4, 2, 1] on the demo's 128-64 tower
+SHIFTS = "a,b,c,d,e"  # every shift family of gen-logs: what surfaces differ in (infra/synth_world.py)
 
 
 def step(i: int, text: str) -> None:
@@ -39,9 +40,10 @@ def run(out: Path, rows: int, domains: int, seed: int) -> dict:
 
     t0 = time.time()
     logs, root = out / "logs", out / "registry"
-    step(1, f"synthetic logs: {rows:,} rows, {domains} domains (the smallest held out) -> {logs}")
+    step(1, f"synthetic logs: {rows:,} rows, {domains} domains (the smallest held out), shift families "
+            f"{SHIFTS} -> {logs}")
     gen = generate(str(logs), rows=rows, domains=domains, seed=seed, holdout_domains=1,
-                   users=2_000, items=2_000)
+                   users=2_000, items=2_000, shifts=SHIFTS)
     held = sorted(p.name for p in (logs / "heldout").iterdir())
     schema = load_schema(str(logs / "schema.yaml"))
     step(2, "validate the training logs against the schema")
@@ -65,11 +67,11 @@ def run(out: Path, rows: int, domains: int, seed: int) -> dict:
           f"{backbone['metrics'].get('wauc', float('nan')):.4f})")
 
     adapt_cfg = from_dict(AdaptConfig, {
-        "data": {**data, "batch_size": 2048}, "lora": {"method": "mlora", "alpha": ALPHA},
+        "data": {**data, "batch_size": 2048}, "lora": {"method": "mlora", "alpha": ALPHA, "wide": ["*"]},
         "dist": {"world_size": 2}, "loop": {"epochs": 8, "patience": 2, "seed": seed},
         "output": {"root": str(root), "model": "demo"},
     })
-    step(4, f"adapt all {len(schema.domain.values)} domains in parallel (MLoRA), publish bundles")
+    step(4, f"adapt all {len(schema.domain.values)} domains in parallel (MLoRA + wide), publish bundles")
     adapted = adapt(adapt_cfg)
     step(5, f"add the held-out domain {held[0]} (touches no other bundle)")
     added = add_domain(adapt_cfg, held[0], str(logs / "heldout" / held[0]))
