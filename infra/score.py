@@ -23,6 +23,7 @@ from their DCP shards into world-1 models (``mdlora.trainer.recipes.load_unshard
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from mdlora.infra import ray_backend
 from mdlora.infra.artifacts import BackboneInfo, Bundle, BundleError, open_backbone, open_bundles
 from mdlora.infra.logs import LogDataset, Piece, read_piece
 from mdlora.infra.score_output import Scores, domains_needed, local_file, partition, staged_output
+from mdlora.infra.storage import is_s3
 from mdlora.progress import Progress
 from mdlora.trainer.config import ScoreConfig
 from mdlora.trainer.metrics import DomainMetrics, format_table
@@ -247,7 +249,8 @@ class Scorer:
         """What a task needs to score ``pieces`` with this scorer's resolved versions."""
         need = domains_needed(pieces, self.schema.domain.column)
         bundles = dict(self.versions) if need is None else {d: v for d, v in self.versions.items() if d in need}
-        return {"root": self.root, "model": self.model, "backbone": self.info.version, "bundles": bundles,
+        root = self.root if is_s3(self.root) else os.path.abspath(self.root)  # tasks have another cwd
+        return {"root": root, "model": self.model, "backbone": self.info.version, "bundles": bundles,
                 "pieces": pieces, "scan": scan, "dest": dest, "threads": threads}
 
     def _score_pieces(self, pieces: list[Piece], scan: dict, dest: str, progress: Progress | None = None) -> Scores:
@@ -309,9 +312,10 @@ class Scorer:
 
 def _score_task(spec: dict) -> Scores:
     """A Ray task: load the pinned backbone and bundles ``spec`` names, score its pieces into its part."""
+    t0 = time.perf_counter()
     torch.set_num_threads(spec["threads"])
     scorer = Scorer(spec["root"], spec["model"], spec["backbone"], spec["bundles"])
-    return scorer._score_pieces(spec["pieces"], spec["scan"], spec["dest"])
+    return scorer._score_pieces(spec["pieces"], spec["scan"], spec["dest"]).finish(time.perf_counter() - t0)
 
 
 def parse_bundles(spec: str) -> dict[str, str] | None:

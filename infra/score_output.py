@@ -171,7 +171,7 @@ def staged_output(out: str, parts: int) -> Iterator[list[str]]:
             yield [str(tmp)]
         return
     if not is_s3(out):
-        with staging_dir(out, overwrite=True) as tmp:
+        with staging_dir(os.path.abspath(out), overwrite=True) as tmp:  # absolute: tasks have another cwd
             yield [str(tmp / part_name(i)) for i in range(parts)]
             (tmp / SUCCESS).write_bytes(b"")
         return
