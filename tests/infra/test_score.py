@@ -29,3 +29,15 @@ def test_labelled_summary_carries_ne_and_calibration_per_domain():
     assert s["table"].splitlines()[0].split()[-2:] == ["ne", "calibration"]
     unlabelled = Scorer._summary(scorer, Scores(preds.names, preds.codes, preds.prob), False, "out.parquet")
     assert "ne" not in unlabelled and "ne" not in unlabelled["domains"]["a"]
+
+
+def test_score_workers_are_config_keys_of_score_and_the_gate():
+    from mdlora.trainer.config import ScoreConfig, load_adapt_config, load_retrain_config
+
+    assert load_adapt_config(None, ["score.workers=4"]).score == ScoreConfig(workers=4)
+    gate = ["gate.holdout=h", "gate.score.workers=0", "gate.score.cpus_per_worker=2"]
+    assert load_retrain_config(None, gate).gate.score == ScoreConfig(workers=0, cpus_per_worker=2)
+    with pytest.raises(ValueError, match="adapt.score"):
+        load_retrain_config(None, ["gate.holdout=h", "adapt.score.workers=2"])
+    with pytest.raises(ValueError, match="workers"):
+        ScoreConfig(workers=-1)
