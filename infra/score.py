@@ -23,9 +23,11 @@ from their DCP shards into world-1 models (``mdlora.trainer.recipes.load_unshard
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -238,9 +240,11 @@ class Scorer:
         shares = partition(pieces, workers)
         with staged_output(out, len(shares) if workers > 1 else 0) as dests:
             if workers == 1:
-                parts = [self._score_pieces(pieces, logs.scan, dests[0], Progress(f"score {data}", logs.num_rows()))]
+                with _threads(score.cpus_per_worker):
+                    parts = [self._score_pieces(pieces, logs.scan, dests[0], Progress(f"score {data}", logs.num_rows()))]
             else:
-                specs = [self._spec(share, logs.scan, dest, score.cpus_per_worker) for share, dest in zip(shares, dests, strict=True)]
+                specs = [self._spec(share, logs.scan, dest, score.cpus_per_worker)
+                         for share, dest in zip(shares, dests, strict=True)]
                 parts = ray_backend.map_tasks(_score_task, specs, num_cpus=score.cpus_per_worker)
         summary = self._summary(Scores.concat(parts), self.schema.label in logs.columns, out)
         return summary | {"workers": [{"rows": p.rows, "seconds": p.seconds, "peak_rss_mb": p.peak_rss_mb} for p in parts]}
@@ -258,8 +262,8 @@ class Scorer:
         t0 = time.perf_counter()
         s = self.schema
         order = sorted(self.slot, key=self.slot.get)
-        version_of = np.array([self.versions[d] for d in order] + [""], dtype=object)
-        backbone_of = np.array([self.backbone_of[d] for d in order] + [self.info.version], dtype=object)
+        version_of = pa.array([self.versions[d] for d in order] + [""], pa.string())  # slot -1: the last
+        backbone_of = pa.array([self.backbone_of[d] for d in order] + [self.info.version], pa.string())
         batches, writer = [], None
         with local_file(dest) as path:
             try:
@@ -277,9 +281,10 @@ class Scorer:
                         dom = pc.cast(table.column(s.domain.column), pa.string()).combine_chunks()
                         label = table.column(s.label).combine_chunks() if s.label in table.column_names else None
                         batches.append((dom, probs, label))
+                        at = pa.array(np.where(slots < 0, len(order), slots))
                         out = pa.table({"domain": dom} | ({s.label: label} if label is not None else {})
-                                       | {"prob": probs, "adapter_version": version_of[slots].tolist(),
-                                          "backbone_version": backbone_of[slots].tolist()})
+                                       | {"prob": probs, "adapter_version": version_of.take(at),
+                                          "backbone_version": backbone_of.take(at)})
                         writer = writer or pq.ParquetWriter(path, out.schema)
                         writer.write_table(out)
                         if progress:
@@ -308,6 +313,19 @@ class Scorer:
                 summary["domains"][n] |= {k: metrics["domains"][n][k] for k in SCORES}
             summary |= {k: metrics[k] for k in (*SCORES, "wauc")} | {"table": format_table(metrics)}
         return summary
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch intra-op threads ``n`` inside the block (as in a task): on a shared host, more threads
+    than free cores stall every op on its slowest thread (1M rows took 234 s at 2 threads, a
+    task at 1 thread scored 500k in 15-20 s, 2 cores at load 17)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _score_task(spec: dict) -> Scores:

@@ -292,7 +292,8 @@ class ScoreConfig:
     """Ray tasks the input is spread over (capped by its row groups); 1: in this process,
     no Ray; 0: one per ``cpus_per_worker`` CPUs of the Ray cluster."""
     cpus_per_worker: int = 1
-    """CPUs reserved per task (also its torch threads)."""
+    """CPUs reserved per task and its torch threads (one worker: this process's torch threads
+    while it scores)."""
 
     def __post_init__(self) -> None:
         if self.workers < 0:
