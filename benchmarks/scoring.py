@@ -169,13 +169,16 @@ def _copies(data: Path, out: Path, m: int) -> Path:
 
 def run_scale(work: Path, rows: list[int], workers: list[int], timeout: float = 3000) -> dict:
     """``mdlora score`` on each row count (multiples of the smallest) with each worker count."""
-    ref, base = Reference(domains=16), min(rows)
+    ref = Reference(domains=16)
     if not (work / "registry").exists():
-        publish_fixture(work, ref, base)
+        publish_fixture(work, ref, min(rows))
+    base = sum(pq.ParquetFile(f).metadata.num_rows for f in (work / "data" / "train").glob("*.parquet"))
     config = work / "score.yaml"
     config.write_text(f"output: {{root: {work / 'registry'}, model: score}}\n")
     runs = []
     for n in rows:
+        if n % base:
+            raise ValueError(f"--rows: {n} is not a multiple of the fixture's {base} rows")
         data = _copies(work / "data" / "train", work / f"data-{n}", n // base)
         for w in workers:
             out = work / f"preds-{n}-{w}"
@@ -194,11 +197,19 @@ def run_scale(work: Path, rows: list[int], workers: list[int], timeout: float = 
                          "all_processes_peak_mb": round(run["rss_tree_peak"]),
                          "parts": summary["workers"], "auc": summary["auc"], "logloss": summary["logloss"]})
             print(json.dumps(runs[-1]), flush=True)
+    return {"machine": machine(), "reference": ref.to_dict(), "runs": runs} | cost_ratios(runs)
+
+
+def cost_ratios(runs: list[dict]) -> dict:
+    """Cost per row (wall) of the largest input over the smallest, per worker count."""
     ok = {(r["rows"], r["workers"]): r for r in runs if "error" not in r}
-    ratio = {w: ok[max(rows), w]["us_per_row"] / ok[base, w]["us_per_row"]
-             for w in workers if (base, w) in ok and (max(rows), w) in ok}
-    return {"machine": machine(), "reference": ref.to_dict(), "runs": runs, "cost_ratio_largest_vs_smallest": ratio,
-            "target": f"<= {SCALE_GOAL}", "met": bool(ratio) and all(v <= SCALE_GOAL for v in ratio.values())}
+    ratio = {}
+    for w in sorted({w for _, w in ok}):
+        sizes = sorted(n for n, v in ok if v == w)
+        if len(sizes) > 1:
+            ratio[w] = ok[sizes[-1], w]["us_per_row"] / ok[sizes[0], w]["us_per_row"]
+    return {"cost_ratio_largest_vs_smallest": ratio, "target": f"<= {SCALE_GOAL}",
+            "met": bool(ratio) and all(v <= SCALE_GOAL for v in ratio.values())}
 
 
 def scale_markdown(r: dict) -> str:
@@ -207,16 +218,21 @@ def scale_markdown(r: dict) -> str:
     lines = [f"# Scoring at scale ({m['time_utc']}, {m['cores']} cores, load {m['loadavg'][0]:.1f})", "",
              "`mdlora score --set score.workers=W`, reference schema (10 features, 16 domains, one random "
              "MLoRA bundle each); wall time includes Ray start, loading and the exact metrics.", "",
-             "| rows | workers | wall s | rows/s | µs/row | driver peak MB | largest worker MB | all processes MB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| rows | workers | wall s | rows/s | µs/row | slowest part s | scoring rows/s | driver peak MB | "
+             "largest worker MB | all processes MB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in r["runs"]:
         if "error" in x:
-            lines.append(f"| {x['rows']:,} | {x['workers']} | {x['error']} | | | | | |")
+            lines.append(f"| {x['rows']:,} | {x['workers']} | {x['error']} | | | | | | | |")
             continue
+        part = max(p["seconds"] for p in x["parts"])  # a part: load + read + score + write, no process start
         lines.append(f"| {x['rows']:,} | {x['workers']} | {x['wall_s']} | {x['rows_per_s']:,} | {x['us_per_row']} | "
-                     f"{x['driver_peak_mb']:,} | {x['worker_peak_mb']:,} | {x['all_processes_peak_mb']:,} |")
+                     f"{part:.1f} | {x['rows'] / part:,.0f} | {x['driver_peak_mb']:,} | {x['worker_peak_mb']:,} | "
+                     f"{x['all_processes_peak_mb']:,} |")
     ratios = ", ".join(f"{w} worker(s) {v:.2f}" for w, v in r["cost_ratio_largest_vs_smallest"].items())
-    lines += ["", f"Cost per row, largest vs smallest input: {ratios} (target {r['target']}, met: {r['met']}).", ""]
+    lines += ["", f"Cost per row (wall), largest vs smallest input: {ratios} (target {r['target']}, met: {r['met']}).",
+              "Scoring rows/s = rows / the slowest part's seconds (its Scorer load, reads, scoring and "
+              "writes; not the process and Ray start-up).", ""]
     return "\n".join(lines)
 
 
