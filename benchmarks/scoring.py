@@ -227,7 +227,7 @@ def scale_markdown(r: dict) -> str:
             continue
         part = max(p["seconds"] for p in x["parts"])  # a part: load + read + score + write, no process start
         lines.append(f"| {x['rows']:,} | {x['workers']} | {x['wall_s']} | {x['rows_per_s']:,} | {x['us_per_row']} | "
-                     f"{part:.1f} | {x['rows'] / part:,.0f} | {x['driver_peak_mb']:,} | {x['worker_peak_mb']:,} | "
+                     f"{part:.1f} | {x['rows'] / part:,.0f} | {x['driver_peak_mb']:,} | {x['worker_peak_mb'] or '–'} | "
                      f"{x['all_processes_peak_mb']:,} |")
     ratios = ", ".join(f"{w} worker(s) {v:.2f}" for w, v in r["cost_ratio_largest_vs_smallest"].items())
     lines += ["", f"Cost per row (wall), largest vs smallest input: {ratios} (target {r['target']}, met: {r['met']}).",
