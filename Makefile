@@ -13,6 +13,8 @@ TORCH_VER   := 2.13.0
 FBGEMM_VER  := 1.8.0
 TORCHREC_VER:= 1.8.0
 RAY_VER     := 2.60.0
+# MLflow's lighter client (no server, UI or flavours); sqlalchemy + alembic serve its SQLite store.
+MLFLOW_VER  := 3.18.0
 ifeq ($(GPU),1)
 FBGEMM_PKG  := fbgemm-gpu==$(FBGEMM_VER)
 else
@@ -26,7 +28,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip setuptools wheel >/dev/null 2>&1 || $(BIN)/pip install -q setuptools wheel
 	$(BIN)/pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch==$(TORCH_VER) $(FBGEMM_PKG) "ray[default,train]==$(RAY_VER)" \
 	    pyarrow s3fs scikit-learn scipy safetensors "moto[server]" pytest pytest-timeout matplotlib \
-	    tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath numpy pyyaml
+	    tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath numpy pyyaml \
+	    "mlflow-skinny==$(MLFLOW_VER)" sqlalchemy alembic tensorboardX
 	# torchrec declares the CUDA fbgemm-gpu; --no-deps keeps the one chosen above.
 	$(BIN)/pip install -q --no-deps torchrec==$(TORCHREC_VER)
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .

@@ -34,7 +34,7 @@ from mdlora.config import from_dict, to_dict
 from mdlora.embeddings.batch import BatchConverter
 from mdlora.embeddings.schema import Schema
 from mdlora.embeddings.tables import build_ebc
-from mdlora.infra import features, ray_backend
+from mdlora.infra import features, ray_backend, tracking
 from mdlora.infra.artifacts import (
     ADAPTERS,
     BackboneInfo,
@@ -208,13 +208,14 @@ def publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, head: Head
                 domain=r.domain, method=cfg.lora.method, lora=lora, backbone=backbone.ref(),
                 schema_hash=schema.content_hash(), param_count=count, param_share=count / dense,
                 metrics=metrics, data_window=windows[r.domain], run=run)
-            write_bundle(Path(tmp) / r.domain, r.state, manifest, shared=shared)
+            written = write_bundle(Path(tmp) / r.domain, r.state, manifest, shared=shared)
             version = registry.publish(ADAPTERS, r.domain, Path(tmp) / r.domain)
             promoted = promote_new and "production" not in registry.aliases(ADAPTERS, r.domain)
             if promoted:
                 registry.promote(ADAPTERS, r.domain, version)
             out[r.domain] = {"version": version, "promoted": promoted, "param_count": count,
-                             "param_share": count / dense, "metrics": metrics}
+                             "param_share": count / dense, "metrics": metrics,
+                             "content_hash": written.content_hash, "path": registry.resolve(ADAPTERS, r.domain, version)}
             log.info("adapter %s %s%s: %s", r.domain, version, " (production)" if promoted else "", metrics)
     return out
 
@@ -236,9 +237,25 @@ class NoTrainingRows(ValueError):
 
 
 def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, sources: list[Source],
-         shared: dict | None, promote_new: bool = True, run: str = "") -> dict:
+         shared: dict | None, promote_new: bool = True, run: str = "", job: str = "adapt") -> dict:
     t0 = time.time()
     name = f"adapt-{cfg.output.model}-{int(t0)}-{uuid.uuid4().hex[:8]}"  # concurrent jobs: own run dirs
+    tags = {"mdlora.run_key": run, "mdlora.data_window": cfg.data.window or "all", "mdlora.method": cfg.lora.method,
+            "mdlora.backbone_version": backbone.version, "mdlora.backbone_hash": backbone.content_hash,
+            "mdlora.schema_hash": schema.content_hash()}
+    with tracking.track(cfg.tracking, cfg.output, job=job, name=name, tags=tags) as tracker:
+        tracker.params(cfg)
+        out, histories = _train_and_publish(cfg, backbone, schema, sources, shared, promote_new, run, name)
+        out["seconds"]["total"] = round(time.time() - t0, 2)
+        _track(tracker, out, histories)
+    return out
+
+
+def _train_and_publish(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, sources: list[Source],
+                       shared: dict | None, promote_new: bool, run: str, name: str) -> tuple[dict, dict]:
+    """Materialise, train, publish: the summary :func:`adapt` returns, and each trained domain's
+    validation score after every evaluation."""
+    t0 = time.time()
     model = build_backbone(schema, backbone.run.model, build_ebc(schema, "meta"))
     head = Head.of(model)  # the architecture: the tasks load its frozen weights from the cache
     cache, run_dir = materialise_sources(cfg, backbone, schema, sources, name, model.input_dim)
@@ -261,7 +278,22 @@ def _run(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema, sources: list
     return {"backbone": {"name": backbone.name, "version": backbone.version, "content_hash": backbone.content_hash},
             "method": cfg.lora.method, "bundles": bundles, "skipped_no_rows": empty,
             "rows": {s: cache.count(s) for s in features.SPLITS if cache.count(s) or s == "train"},
-            "seconds": {"materialise": round(t1 - t0, 2), "train": round(t2 - t1, 2), "total": round(time.time() - t0, 2)}}
+            "seconds": {"materialise": round(t1 - t0, 2), "train": round(t2 - t1, 2)}}, \
+        {r.domain: r.history for r in results}
+
+
+def _track(tracker: tracking.Tracker, out: dict, histories: dict[str, list[float | None]]) -> None:
+    """Per domain: the validation score of every evaluation (step = evaluation number), the final
+    metrics per split, parameter counts, and the published bundle's registry links."""
+    for d, b in out["bundles"].items():
+        for i, score in enumerate(histories.get(d, []), 1):
+            tracker.metrics({f"val/{d}/score": score}, step=i)
+        tracker.metrics({f"adapter/{d}/param_count": b["param_count"], f"adapter/{d}/param_share": b["param_share"]}
+                        | tracking.per_domain_splits(d, b["metrics"]))
+        tracker.tags({f"mdlora.adapter.{d}.version": b["version"], f"mdlora.adapter.{d}.hash": b["content_hash"],
+                      f"mdlora.adapter.{d}.path": b["path"]})
+    tracker.metrics({"seconds/" + k: v for k, v in out["seconds"].items()}
+                    | {f"rows/{s}": n for s, n in out["rows"].items()})
 
 
 def _cache_dir(cfg: AdaptConfig) -> Path:
@@ -361,5 +393,5 @@ def add_domain(cfg: AdaptConfig, domain: str, data: str | dict[str, str], *, pro
             raise FileNotFoundError(f"{uri}: no such dataset")
     if shared is None and cfg.lora.method == "multilora":
         shared = production_shared(cfg, backbone)
-    return _run(cfg, backbone, schema, [Source(splits, [domain])], shared, promote_new, run)
+    return _run(cfg, backbone, schema, [Source(splits, [domain])], shared, promote_new, run, job="add-domain")
 

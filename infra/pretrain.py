@@ -11,6 +11,7 @@ next to the training step.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -24,13 +25,14 @@ from mdlora.embeddings.batch import BatchConverter, LogValidationError, find_pro
 from mdlora.embeddings.schema import Schema
 from mdlora.embeddings.sharding import format_plan
 from mdlora.embeddings.tables import build_ebc
-from mdlora.infra import ray_backend
+from mdlora.infra import ray_backend, tracking
 from mdlora.infra.artifacts import open_backbone, publish_backbone
 from mdlora.infra.logs import LogDataset
 from mdlora.infra.runs import cache_dir, check_cpus, check_outputs, load_schema, resolve_paths
+from mdlora.infra.storage import open_fs
 from mdlora.trainer.config import RunConfig, local_batch
 from mdlora.trainer.loop import Hooks, train
-from mdlora.trainer.recipes import plan_tables, setup_pretrain
+from mdlora.trainer.recipes import STATE_FILE, plan_tables, setup_pretrain
 
 log = logging.getLogger("mdlora.pretrain")
 
@@ -115,6 +117,7 @@ def worker(config: dict) -> None:
 
 def pretrain(cfg: RunConfig, *, run_name: str | None = None) -> dict:
     """Train the backbone on ``cfg.dist.world_size`` workers and publish it; returns a summary.
+    The job is one MLflow run of ``cfg.tracking`` (:mod:`mdlora.infra.tracking`).
 
     Args:
         cfg: the run config.
@@ -131,24 +134,46 @@ def pretrain(cfg: RunConfig, *, run_name: str | None = None) -> dict:
     if train_ds.num_batches(local_batch(cfg.data.batch_size, cfg.dist.world_size), cfg.dist.world_size) < 1:
         raise ValueError(f"{cfg.data.train}: fewer rows than one global batch ({cfg.data.batch_size})")
     preflight(cfg, schema, [train_ds] + ([val_ds] if val_ds else []))
-    init = warm_start(cfg, schema)
     t0 = time.time()
-    ray_backend.init_ray(cfg.dist.address)
-    ray_backend.check_cluster(cfg.dist.world_size, cfg.dist.cpus_per_worker, cfg.dist.device)
-    result = ray_backend.run_workers(
-        worker, {"run": to_dict(cfg), "init": init}, world_size=cfg.dist.world_size, device=cfg.dist.device,
-        cpus_per_worker=cfg.dist.cpus_per_worker, max_failures=cfg.dist.max_failures,
-        storage_path=cfg.output.run_dir, name=run_name or f"{cfg.output.model}-{int(t0)}",
-        score="wauc" if cfg.data.val else None,
-    )
-    try:
-        if result.checkpoint is None:
-            raise RuntimeError("training finished without a checkpoint")
-        summary = publish_backbone(cfg, schema, result.checkpoint, run=run_name or "")
-    finally:
-        shutil.rmtree(result.workdir, ignore_errors=True)
-    summary["seconds"] = round(time.time() - t0, 1)
+    name = run_name or f"{cfg.output.model}-{int(t0)}"
+    with tracking.track(cfg.tracking, cfg.output, job="pretrain", name=name,
+                        tags={"mdlora.run_key": run_name, "mdlora.data_window": cfg.data.window or "all"}) as tracker:
+        init = warm_start(cfg, schema)
+        tracker.params(cfg)
+        ray_backend.init_ray(cfg.dist.address)
+        ray_backend.check_cluster(cfg.dist.world_size, cfg.dist.cpus_per_worker, cfg.dist.device)
+        result = ray_backend.run_workers(
+            worker, {"run": to_dict(cfg), "init": init}, world_size=cfg.dist.world_size, device=cfg.dist.device,
+            cpus_per_worker=cfg.dist.cpus_per_worker, max_failures=cfg.dist.max_failures,
+            storage_path=cfg.output.run_dir, name=name, score="wauc" if cfg.data.val else None,
+        )
+        try:
+            if result.checkpoint is None:
+                raise RuntimeError("training finished without a checkpoint")
+            summary = publish_backbone(cfg, schema, result.checkpoint, run=run_name or "")
+        finally:
+            shutil.rmtree(result.workdir, ignore_errors=True)
+        summary["seconds"] = round(time.time() - t0, 1)
+        if tracker.active:
+            _track(tracker, summary, result.latest_uri, schema.content_hash())
     return summary
+
+
+def _track(tracker: tracking.Tracker, summary: dict, latest: str | None, schema_hash: str) -> None:
+    """Every evaluation of the run (read from its latest checkpoint's state), the training loss,
+    and the published backbone's registry links."""
+    state = {}
+    if latest:
+        fs, path = open_fs(latest)
+        try:
+            with fs.open(f"{path.rstrip('/')}/{STATE_FILE}", "r") as f:
+                state = json.load(f)
+        except (OSError, ValueError) as e:  # published already: the history is not worth failing the job
+            log.warning("tracking: no evaluation history from %s: %s", latest, e)
+    tracking.log_history(tracker, state.get("history", []), state.get("losses", []))
+    tracker.tags({"mdlora.backbone_hash": summary["content_hash"], "mdlora.backbone_version": summary["version"],
+                  "mdlora.registry": summary["path"], "mdlora.schema_hash": schema_hash})
+    tracker.metrics({"final/step": summary["step"], "seconds": summary["seconds"]}, summary["step"])
 
 
 def warm_start(cfg: RunConfig, schema: Schema) -> str:

@@ -50,6 +50,9 @@ class RunResult:
     """Where the chosen checkpoint is stored (a local path or s3://), for readers that stream it."""
     run_uri: str = ""
     """The run's directory under ``storage_path`` (its checkpoints and Ray's run state)."""
+    latest_uri: str | None = None
+    """Where the latest checkpoint is stored (local path or s3://): its state holds every
+    evaluation of the run, the chosen (best) one only those up to it."""
 
 
 def init_ray(address: str = "", num_cpus: int | None = None) -> None:
@@ -124,9 +127,10 @@ def run_workers(
     workdir = Path(tempfile.mkdtemp(prefix="mdlora-ckpt-"))
     local = Path(chosen.to_directory(str(workdir / "checkpoint"))) if chosen and local_copy else None
     s3 = storage_path.startswith("s3://")
-    uri = None if chosen is None else ("s3://" + chosen.path.lstrip("/") if s3 else chosen.path)
+    where = lambda c: None if c is None else ("s3://" + c.path.lstrip("/") if s3 else c.path)  # noqa: E731
     run_uri = f"{storage_path.rstrip('/')}/{name}" if s3 else os.path.join(_storage(storage_path), name)
-    return RunResult(checkpoint=local, metrics=dict(result.metrics or {}), workdir=workdir, uri=uri, run_uri=run_uri)
+    return RunResult(checkpoint=local, metrics=dict(result.metrics or {}), workdir=workdir, uri=where(chosen),
+                     run_uri=run_uri, latest_uri=where(result.checkpoint))
 
 
 def _by_name(fn: Callable[[dict], None]) -> Callable[[dict], None] | tuple[str, str]:

@@ -28,7 +28,7 @@ the last recorded stage, so no stage publishes twice):
 5. **Report** ``report.md``, then ``report.json`` last: its presence marks the run done.
 
 Idempotency: the run record lives in the registry, ``<root>/retrain/<model>/<START>_<END>-<key>/``
-with ``key`` a hash of (model, window, config but ``lock_ttl``). Rerunning a finished run returns
+with ``key`` a hash of (model, window, config but ``lock_ttl`` and ``tracking``). Rerunning a finished run returns
 its recorded report and creates nothing. A failed run leaves every ``production`` alias untouched
 (its published versions stay ``latest`` only); its rerun reuses them: what a stage finished is in
 ``state.json``, and every version the run publishes records the run (manifest ``run``), so a run
@@ -54,6 +54,7 @@ from pathlib import Path
 from mdlora.atomic import write_bytes
 from mdlora.config import to_dict
 from mdlora.embeddings.batch import LogValidationError
+from mdlora.infra import tracking
 from mdlora.infra.adapt import NoTrainingRows, adapt
 from mdlora.infra.artifacts import (
     ADAPTERS,
@@ -138,6 +139,8 @@ def retrain(cfg: RetrainConfig, window: str) -> dict:
         cfg.gate.holdout = os.path.abspath(cfg.gate.holdout)
     root, model = cfg.pretrain.output.root, cfg.pretrain.output.model
     config = {k: v for k, v in to_dict(cfg).items() if k != "lock_ttl"}  # operational, not the model's
+    for stage in ("pretrain", "adapt"):
+        config[stage].pop("tracking")  # as is where it is tracked: the key of a window stays the same
     key = hashlib.sha256(json.dumps({"model": model, "window": f"{start}..{end}", "config": config},
                                     sort_keys=True).encode()).hexdigest()[:12]
     record = Record(root, model, f"{start}_{end}-{key}")
@@ -146,7 +149,37 @@ def retrain(cfg: RetrainConfig, window: str) -> dict:
         if done is not None:
             log.info("retrain %s already done: %s", record.name, record.uri("report.json"))
             return done | {"rerun": True}
-        return _run(cfg, f"{start}..{end}", record, lock)
+        p = cfg.pretrain
+        with tracking.track(p.tracking, p.output, job="retrain", name=record.name,
+                            tags={"mdlora.run_key": _tag(model, record), "mdlora.data_window": f"{start}..{end}",
+                                  "mdlora.record": record.uri("")}) as tracker:
+            tracker.params(cfg)
+            report = _run(cfg, f"{start}..{end}", record, lock)
+            _track(tracker, report)
+        return report
+
+
+def _tag(model: str, record: Record) -> str:
+    """The run key of a retrain: its Ray Train run, ``run`` in what it publishes, a tracking tag."""
+    return f"retrain-{model}-{record.name}"
+
+
+def _track(tracker: tracking.Tracker, report: dict) -> None:
+    """The champion/challenger table (``report.md`` as an artefact, each side's holdout figures
+    as ``gate/<domain>/<side>_<metric>``), the decisions and the versions it compared."""
+    tracker.text(markdown(report), "retrain_report.md")
+    figures = {}
+    for d, r in report["domains"].items():
+        for side in ("champion", "challenger"):
+            figures |= {f"gate/{d}/{side}_{k}": r[side].get(k) for k in ("auc", "logloss", "ne", "calibration", "rows")}
+        figures[f"gate/{d}/promoted"] = float(r["decision"] == "promote")
+    tracker.metrics(figures | {"promoted_domains": len(report["promoted"]), "seconds": report["seconds"]})
+    b, c = report["backbone"], report["champion"]
+    tracker.tags({"mdlora.backbone_hash": b["content_hash"], "mdlora.backbone_version": b["version"],
+                  "mdlora.champion_version": c["version"], "mdlora.champion_hash": c["content_hash"],
+                  "mdlora.production_backbone": report["production_backbone"],
+                  "mdlora.promoted": ",".join(report["promoted"]) or "none"}
+                 | {f"mdlora.adapter.{d}.version": v for d, v in report.get("adapters", {}).items()})
 
 
 def _run(cfg: RetrainConfig, window: str, record: Record, lock: RetrainLock) -> dict:
@@ -160,7 +193,7 @@ def _run(cfg: RetrainConfig, window: str, record: Record, lock: RetrainLock) -> 
     state["champion"] = {"version": champion.version, "content_hash": champion.content_hash}
     # every bundle the gate will score as champion, checked (files, pins) before anything trains
     production = {d: b.manifest for d, b in open_bundles(root, model, None, cache).items()}
-    tag = f"retrain-{model}-{record.name}"  # the Ray Train run, and ``run`` in what it publishes
+    tag = _tag(model, record)
     if "backbone" not in state:
         run = copy.deepcopy(p)
         run.data.window, run.model = window, replace(champion.run.model, init_from=champion.version)
@@ -208,6 +241,7 @@ def rebase(cfg: RetrainConfig, version: str, window: str, tag: str, cache: Path,
     acfg = copy.deepcopy(cfg.adapt)
     acfg.data = replace(acfg.data, schema=p.data.schema, train=p.data.train, val=p.data.val, window=window)
     acfg.output = AdaptOutputConfig(root=root, model=model, run_dir=p.output.run_dir, backbone=version)
+    acfg.tracking = p.tracking  # the same experiment as the retrain and its backbone
     registry = Registry(*open_fs(root))
     wanted = set(acfg.data.domains or [])
     schema = open_backbone(root, model, version, cache).schema

@@ -27,6 +27,7 @@ import contextlib
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +40,16 @@ import torch
 
 from mdlora.adapters.config import LoraConfig
 from mdlora.adapters.inject import AdaptedModel, inject
-from mdlora.config import from_dict
+from mdlora.config import from_dict, to_dict
 from mdlora.embeddings.batch import BatchConverter, LogValidationError
 from mdlora.embeddings.schema import Schema
-from mdlora.infra import ray_backend
+from mdlora.infra import ray_backend, tracking
 from mdlora.infra.artifacts import BackboneInfo, Bundle, BundleError, open_backbone, open_bundles
 from mdlora.infra.logs import LogDataset, Piece, read_piece
 from mdlora.infra.score_output import Scores, domains_needed, local_file, partition, staged_output
 from mdlora.infra.storage import is_s3
 from mdlora.progress import Progress
-from mdlora.trainer.config import ScoreConfig
+from mdlora.trainer.config import AdaptConfig, ScoreConfig
 from mdlora.trainer.metrics import DomainMetrics, format_table
 from mdlora.trainer.recipes import load_unsharded
 
@@ -347,3 +348,22 @@ def parse_bundles(spec: str) -> dict[str, str] | None:
             raise ValueError(f"--bundles: expected domain=version items, got {item!r}")
         out[domain.strip()] = ref.strip()
     return out
+
+
+def score(cfg: AdaptConfig, data: str, out: str, bundles: dict[str, str] | None = None) -> dict:
+    """``mdlora score``: score ``data`` into ``out`` with a :class:`Scorer` of ``cfg.output``
+    (``root``, ``model``, ``backbone``), tracked as one MLflow run of ``cfg.tracking``.
+
+    Returns:
+        :meth:`Scorer.score_dataset`'s summary.
+    """
+    name = f"score-{cfg.output.model}-{int(time.time())}-{uuid.uuid4().hex[:8]}"
+    with tracking.track(cfg.tracking, cfg.output, job="score", name=name) as tracker:
+        tracker.params({"output": to_dict(cfg.output), "data": data, "out": out, "bundles": bundles or "production"})
+        scorer = Scorer(cfg.output.root, cfg.output.model, cfg.output.backbone, bundles)
+        summary = scorer.score_dataset(data, out, cfg.score, cfg.dist.address)
+        tracker.tags({"mdlora.backbone_version": scorer.info.version, "mdlora.backbone_hash": scorer.info.content_hash}
+                     | {f"mdlora.adapter.{d}.version": v for d, v in scorer.versions.items()})
+        tracker.metrics({k: summary.get(k) for k in ("rows", "fallback_rows", *SCORES, "wauc")}
+                        | tracking.per_domain("score", summary["domains"]))
+    return summary

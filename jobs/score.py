@@ -23,13 +23,12 @@ def run(args: argparse.Namespace) -> int:
     """Load the backbone and bundles, score, print rows, fallback rows and per-domain AUC."""
     from mdlora.infra.log import setup_logging
     from mdlora.infra.runs import resolve_paths
-    from mdlora.infra.score import Scorer, parse_bundles
+    from mdlora.infra.score import parse_bundles, score
     from mdlora.trainer.config import load_adapt_config
 
     setup_logging()
     cfg = resolve_paths(load_adapt_config(args.config, args.overrides))
-    scorer = Scorer(cfg.output.root, cfg.output.model, cfg.output.backbone, parse_bundles(args.bundles))
-    summary = scorer.score_dataset(args.data, args.out, cfg.score, cfg.dist.address)
+    summary = score(cfg, args.data, args.out, parse_bundles(args.bundles))
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return 0

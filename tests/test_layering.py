@@ -2,7 +2,7 @@
 
 * packages import only downwards: jobs -> infra -> trainer -> {embeddings | adapters} -> mdlora
   (base modules), each as ``mdlora.<package>`` (never the bare folder name);
-* ``ray`` is imported only in ``infra/``;
+* ``ray`` is imported only in ``infra/``; ``mlflow`` and ``tensorboardX`` only in ``infra/tracking.py``;
 * model math (``trainer/backbone.py``, ``trainer/task.py``, ``adapters/lora.py``,
   ``adapters/multilora.py``) imports neither torch.distributed nor Ray nor I/O layers.
 """
@@ -54,6 +54,12 @@ def test_imports_flow_downwards(path):
             assert LAYERS[top] < LAYERS[pkg], f"{path.relative_to(ROOT)} imports {name} (upwards or sideways)"
         if top == "ray":
             assert pkg == "infra", f"{path.relative_to(ROOT)} imports ray outside infra/"
+
+
+def test_only_the_tracking_module_imports_mlflow_and_tensorboardx():
+    users = {str(p.relative_to(ROOT)) for p in sources()
+             if any(n.split(".")[0] in ("mlflow", "tensorboardX") for n in imports(p))}
+    assert users == {"infra/tracking.py"}, users
 
 
 @pytest.mark.parametrize("rel", PURE)

@@ -54,6 +54,8 @@ def test_wheel_installs_beside_adapterhub(tmp_path):
     sources = {f"mdlora/{p.relative_to(ROOT)}" if p.parts[len(ROOT.parts)] != "mdlora" else str(p.relative_to(ROOT))
                for pkg in ("mdlora", *OURS) for p in (ROOT / pkg).rglob("*.py")}
     assert sources - set(names) == set(), "modules missing from the wheel"
+    configs = {f"mdlora/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}
+    assert configs and configs - set(names) == set(), "example configs missing from the wheel"
     top = next(n for n in names if n.endswith("top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top).decode().split() == ["mdlora"]
 
@@ -112,3 +114,25 @@ def test_license_is_the_apache_2_text():
     text = (ROOT / "LICENSE").read_text()
     assert re.match(r"\s+Apache License\n\s+Version 2\.0, January 2004\n", text)
     assert "END OF TERMS AND CONDITIONS" in text and len(text.splitlines()) == 201
+
+
+def test_the_makefile_installs_every_dependency_pyproject_declares():
+    """``make setup`` installs the project with --no-deps: its pip line must name every dependency."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if "pip install" in x and "torch==$(TORCH_VER)" in x)
+    made = {re.split(r"[=<>\[]", w.strip('"'))[0].lower() for w in line.split()}
+    declared = {Requirement(d).name.lower() for d in PROJECT["project"]["dependencies"]}
+    assert declared <= made, sorted(declared - made)
+    for path in [*(ROOT / "infra/docker").glob("Dockerfile.*"), ROOT / "infra/cluster/cluster.yaml"]:  # -e . --no-deps
+        assert all(name in path.read_text() for name in ("mlflow-skinny==", "sqlalchemy", "alembic", "tensorboardX")), path
+
+
+def test_the_example_configs_ship_in_the_wheel_and_config_examples_lists_them(capsys):
+    setuptools = PROJECT["tool"]["setuptools"]
+    assert "mdlora.configs" in setuptools["packages"] and setuptools["package-dir"]["mdlora.configs"] == "configs"
+    from mdlora.jobs.cli import main
+
+    assert main(["config", "examples"]) == 0
+    listed = capsys.readouterr().out.split()
+    shipped = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml"))
+    assert sorted(Path(p).relative_to(Path(listed[0]).parent) for p in listed) == [Path(p) for p in shipped]

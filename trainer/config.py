@@ -185,6 +185,22 @@ class OutputConfig:
 
 
 @dataclass(kw_only=True)
+class TrackingConfig:
+    """Experiment tracking: an MLflow run per job (config as params, per-evaluation metrics, tags,
+    artefact links) and TensorBoard event files beside the store."""
+
+    enabled: bool = True
+    """Track this job; false: no MLflow run, no event files."""
+    uri: str = ""
+    """MLflow tracking URI (``http(s)://`` server, ``sqlite:///abs/path.db``, ``databricks``);
+    empty: an embedded SQLite store ``<output.root>/tracking/mlflow.db`` (a local root only: on
+    an S3 root set a URI, or the job runs untracked with a warning)."""
+    experiment: str = ""
+    """MLflow experiment; empty: ``mdlora-<output.model>`` (a retrain's stages and its gate
+    table land in the same one)."""
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A pretrain run."""
 
@@ -194,6 +210,7 @@ class RunConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def load_run_config(path: str | None, overrides: list[str] | None = None) -> RunConfig:
@@ -324,6 +341,7 @@ class AdaptConfig:
     output: AdaptOutputConfig = field(default_factory=AdaptOutputConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     """``mdlora score``: workers the scored dataset is spread over (``dist.address``: the cluster)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def load_adapt_config(path: str | None, overrides: list[str] | None = None) -> AdaptConfig:
@@ -391,6 +409,9 @@ class RetrainConfig:
             raise ValueError("adapt.score: the gate scores with gate.score; leave it out")
         if self.adapt.output != AdaptOutputConfig():
             raise ValueError("adapt.output: taken from pretrain.output (the backbone is the new version); "
+                             "leave it out")
+        if self.adapt.tracking != TrackingConfig():
+            raise ValueError("adapt.tracking: taken from pretrain.tracking (one experiment per retrain); "
                              "leave it out")
         if self.lock_ttl < 30:
             raise ValueError(f"lock_ttl: must be >= 30 seconds, got {self.lock_ttl}")

@@ -342,3 +342,43 @@ def test_a_corrupt_champion_bundle_stops_the_retrain_before_it_trains(world, tmp
     with pytest.raises(ValueError, match=r"adapters/d00 v\d{4} is corrupt: .*adapter.safetensors: sha256 mismatch"):
         retrain(cfg, "2026-01-02..2026-01-03")  # a window no run has recorded yet
     assert _tree(reg) == before  # no backbone, no bundle, no run record
+
+
+NOISE = ("Successfully loaded", "PreemptionWatcher", "is_fx_tracing")  # third-party lines silenced at source
+
+
+def test_every_job_is_tracked_in_one_experiment_and_the_cli_output_holds_no_library_noise(world):
+    from mlflow.tracking import MlflowClient
+
+    from tests.infra.test_tracking import read_events
+
+    for attempt in ("kill1", "kill2"):  # `mdlora retrain` processes: Ray Train pretrain and adapt workers
+        out = world[attempt].stdout + world[attempt].stderr
+        assert "(TrainController pid=" in out and not [n for n in NOISE if n in out], out[-3000:]  # workers' lines too
+    client = MlflowClient(f"sqlite:///{world['reg']}/tracking/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mdlora-ctr").experiment_id], max_results=100)
+    by = lambda job, **tags: [r for r in runs if r.data.tags["mdlora.job"] == job  # noqa: E731
+                              and all(r.data.tags.get(f"mdlora.{k}") == v for k, v in tags.items())]
+    (bare,) = by("pretrain", data_window=W0)  # window 0's pretrain: config, per-evaluation per-domain AUC
+    manifest = read_manifest(str(world["reg"] / "backbones" / "ctr" / "v0001"))
+    assert bare.info.status == "FINISHED" and bare.data.params["loop.epochs"] == "2"
+    assert bare.data.tags["mdlora.backbone_hash"] == manifest["content_hash"]
+    assert bare.data.tags["mdlora.registry"] == str(world["reg"] / "backbones" / "ctr" / "v0001")
+    auc = [(m.step, m.value) for m in client.get_metric_history(bare.info.run_id, "val/d00/auc")]
+    assert len(auc) == 2 and auc[0][0] < auc[1][0] and all(0.5 < v < 1 for _, v in auc), auc
+    events = read_events(world["reg"] / "tracking" / "tensorboard" / "mdlora-ctr" / bare.info.run_name)
+    assert [s for s, _ in events["val/d00/auc"]] == [s for s, _ in auc]
+    (added,) = by("add-domain")
+    assert added.data.tags[f"mdlora.adapter.{ADDED}.version"] == "v0001"
+    assert client.get_metric_history(added.info.run_id, f"val/{ADDED}/score")
+    assert added.data.metrics[f"adapter/{ADDED}/param_count"] > 0
+
+    (w1,) = [r for r in by("retrain", data_window=W1) if r.info.status == "FINISHED"]
+    key = w1.data.tags["mdlora.run_key"]
+    assert key.startswith(f"retrain-ctr-{W1_RUN}") and by("retrain", data_window=W1, run_key=key)
+    assert {r.info.status for r in by("retrain", data_window=W1)} >= {"FAILED", "FINISHED"}  # attempt 3 failed
+    assert by("pretrain", run_key=key) and by("adapt", run_key=key)  # its stages, in the same experiment
+    table = Path(client.download_artifacts(w1.info.run_id, "retrain_report.md", str(world["base"] / "dl"))).read_text()
+    assert "| d00 |" in table and w1.data.metrics["gate/d00/promoted"] == 1.0
+    assert 0.5 < w1.data.metrics["gate/d00/challenger_auc"] <= 1 and "gate/d00/champion_auc" in w1.data.metrics
+    assert w1.data.tags["mdlora.backbone_version"] == "v0002" and w1.data.tags["mdlora.champion_version"] == "v0001"

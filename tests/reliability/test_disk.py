@@ -61,11 +61,13 @@ def _leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
-def _score_argv(world, tmp_path: Path, out: Path) -> list[str]:
+def _score_argv(world, tmp_path: Path, out: Path, root: Path | None = None, tracked: bool = False) -> list[str]:
+    """``mdlora score`` of the world's test logs into ``out``; untracked unless ``tracked``: the
+    predictions file is what these tests fill (the tracking store's own disk-full has its test)."""
     config = tmp_path / "run.yaml"
     config.write_text("{}\n")
     return ["score", "--config", str(config), "--data", str(world["logs"] / "test"), "--out", str(out),
-            *sets(adapt_overrides(world["logs"], world["root"]))]
+            *sets(adapt_overrides(world["logs"], root or world["root"]) + [f"tracking.enabled={str(tracked).lower()}"])]
 
 
 def test_disk_full_gen_logs(tmp_path, capsys):
@@ -88,6 +90,26 @@ def test_disk_full_score(world, tmp_path, capsys):
     assert str(out) in line
     assert _leftovers(tmp_path / "preds") == []
     assert main(argv) == 0 and _leftovers(tmp_path / "preds") == ["p.parquet"]  # room again: it works
+
+
+def test_disk_full_tracking_store(world, tmp_path, capsys):
+    """The embedded tracking store is opened first: a full disk there is one line naming it."""
+    root = tmp_path / "registry"
+    shutil.copytree(world["root"], root)
+    (tmp_path / "preds").mkdir()
+    argv = _score_argv(world, tmp_path, tmp_path / "preds" / "p.parquet", root, tracked=True)
+    with file_size_limit(2 << 10):
+        assert main(argv) == 2
+    line = _one_error(capsys, "score", "tracking")
+    assert str(root / "tracking" / "mlflow.db") in line and "tracking.enabled=false" in line
+    assert _leftovers(tmp_path / "preds") == []
+    assert main(argv) == 0  # room again: it works, and the store holds the scoring run's figures
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/tracking/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("mdlora-ctr").experiment_id], "tags.`mdlora.job` = 'score'")
+    assert run.info.status == "FINISHED" and run.data.tags["mdlora.backbone_version"] == world["backbone"]["version"]
+    assert run.data.metrics["rows"] > 0 and any(k.startswith("score/d0") for k in run.data.metrics)
 
 
 def test_disk_full_registry_publish(world, tmp_path):

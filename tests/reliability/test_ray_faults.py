@@ -96,3 +96,9 @@ def test_four_add_domain_jobs_at_once(world, new_domains, cluster, tmp_path):
         assert reg.manifest("adapters", d)["domain"] == d
     assert sha256_tree(reg_root / "backbones")[0] == backbone_before  # the backbone is untouched
     assert sha256_tree(reg_root / "adapters" / "d00")[0] == d00_before  # and so is every other domain
+    from mlflow.tracking import MlflowClient  # the four opened one new tracking store together
+
+    client = MlflowClient(f"sqlite:///{reg_root}/tracking/mlflow.db")
+    runs = {d: r for r in client.search_runs([client.get_experiment_by_name("mdlora-ctr").experiment_id])
+            for d in NEW_DOMAINS if r.data.tags.get(f"mdlora.adapter.{d}.version") == "v0001"}
+    assert sorted(runs) == sorted(NEW_DOMAINS) and {r.info.status for r in runs.values()} == {"FINISHED"}
