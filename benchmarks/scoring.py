@@ -14,10 +14,24 @@ runs / summed seconds, wall and CPU (one thread: Arrow and torch pinned to 1, so
 are the per-core cost, immune to a loaded machine); the ratio adapters / backbone of rows per CPU
 second is the figure (goal >= ``GOAL``).
 The adapter runs are sampled by py-spy (:mod:`benchmarks.profiling`) to name the bottleneck.
+
+Scale mode (:func:`run_scale`, ``python -m benchmarks.scoring --scale``): ``mdlora score`` (the
+CLI, its own process, ``--set score.workers=W``) on 1M rows and on M times those rows (the 1M
+files hard-linked M times: the same rows, so cost per row compares like with like), each with
+1 worker (in process, no Ray) and 2 (Ray tasks). Polled every 0.2 s (/proc): wall time, driver
+peak RSS, the largest Ray worker's peak RSS; rows/s = rows / wall (Ray start, loading and the
+metrics included); cost per row of M million vs 1 million rows per worker count (goal <= 1.25).
+
+    python -m benchmarks.scoring --scale --rows 1000000,10000000 --workers 1,2 \
+        --out benchmarks/results/2026-12-07/scoring_scale.json
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +40,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.common import Reference, write_reference_parquet
+from benchmarks.common import (
+    Reference,
+    failure,
+    launch,
+    machine,
+    write_reference_parquet,
+    write_results,
+)
 from benchmarks.profiling import bottleneck, profile_self
 
 GOAL = 0.8
+SCALE_GOAL = 1.25
+"""Scale mode: cost per row of the largest input over the 1M-row one, at most."""
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def publish_fixture(work: Path, ref: Reference, rows: int) -> tuple[str, str, Path]:
@@ -131,3 +155,107 @@ def run(work: Path, quick: bool, repeat: int | None = None) -> dict:
         "profile": prof["summary"],
         "bottleneck": bottleneck(prof["summary"]),
     }
+
+
+def _copies(data: Path, out: Path, m: int) -> Path:
+    """``out`` holding ``m`` hard-linked copies of ``data``'s Parquet files (``copy-KK/``)."""
+    if not out.exists():
+        for k in range(m):
+            (out / f"copy-{k:02d}").mkdir(parents=True)
+            for f in sorted(data.glob("*.parquet")):
+                os.link(f, out / f"copy-{k:02d}" / f.name)
+    return out
+
+
+def run_scale(work: Path, rows: list[int], workers: list[int], timeout: float = 3000) -> dict:
+    """``mdlora score`` on each row count (multiples of the smallest) with each worker count."""
+    ref = Reference(domains=16)
+    if not (work / "registry").exists():
+        publish_fixture(work, ref, min(rows))
+    base = sum(pq.ParquetFile(f).metadata.num_rows for f in (work / "data" / "train").glob("*.parquet"))
+    config = work / "score.yaml"
+    config.write_text(f"output: {{root: {work / 'registry'}, model: score}}\n")
+    runs = []
+    for n in rows:
+        if n % base:
+            raise ValueError(f"--rows: {n} is not a multiple of the fixture's {base} rows")
+        data = _copies(work / "data" / "train", work / f"data-{n}", n // base)
+        for w in workers:
+            out = work / f"preds-{n}-{w}"
+            run = launch([sys.executable, "-m", "mdlora.jobs.cli", "score", "--config", str(config), "--json",
+                          "--set", f"score.workers={w}", "--data", str(data), "--out", str(out)], ROOT, timeout,
+                         watch="ray::")
+            if run["rc"]:
+                runs.append({"rows": n, "workers": w} | failure(run, f"score {n} rows, {w} workers"))
+                continue
+            text = "".join(t for _, t in run["lines"])
+            summary = json.loads(text[text.index("{\n"):text.rindex("}") + 1])
+            runs.append({"rows": n, "workers": w, "wall_s": round(run["wall"], 1),
+                         "rows_per_s": round(n / run["wall"]), "us_per_row": round(run["wall"] / n * 1e6, 2),
+                         "driver_peak_mb": round(run["rss_root"]),
+                         "worker_peak_mb": round(max(run["rss"].values(), default=0)),
+                         "all_processes_peak_mb": round(run["rss_tree_peak"]),
+                         "parts": summary["workers"], "auc": summary["auc"], "logloss": summary["logloss"]})
+            print(json.dumps(runs[-1]), flush=True)
+    return {"machine": machine(), "reference": ref.to_dict(), "runs": runs} | cost_ratios(runs)
+
+
+def cost_ratios(runs: list[dict]) -> dict:
+    """Cost per row (wall) of the largest input over the smallest, per worker count."""
+    ok = {(r["rows"], r["workers"]): r for r in runs if "error" not in r}
+    ratio = {}
+    for w in sorted({w for _, w in ok}):
+        sizes = sorted(n for n, v in ok if v == w)
+        if len(sizes) > 1:
+            ratio[w] = ok[sizes[-1], w]["us_per_row"] / ok[sizes[0], w]["us_per_row"]
+    return {"cost_ratio_largest_vs_smallest": ratio, "target": f"<= {SCALE_GOAL}",
+            "met": bool(ratio) and all(v <= SCALE_GOAL for v in ratio.values())}
+
+
+def scale_markdown(r: dict) -> str:
+    """A table of the scale runs: one row per (rows, workers)."""
+    m = r["machine"]
+    lines = [f"# Scoring at scale ({m['time_utc']}, {m['cores']} cores, load {m['loadavg'][0]:.1f})", "",
+             "`mdlora score --set score.workers=W`, reference schema (10 features, 16 domains, one random "
+             "MLoRA bundle each); wall time includes Ray start, loading and the exact metrics.", "",
+             "| rows | workers | wall s | rows/s | µs/row | slowest part s | scoring rows/s | driver peak MB | "
+             "largest worker MB | all processes MB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["runs"]:
+        if "error" in x:
+            lines.append(f"| {x['rows']:,} | {x['workers']} | {x['error']} | | | | | | | |")
+            continue
+        part = max(p["seconds"] for p in x["parts"])  # a part: load + read + score + write, no process start
+        lines.append(f"| {x['rows']:,} | {x['workers']} | {x['wall_s']} | {x['rows_per_s']:,} | {x['us_per_row']} | "
+                     f"{part:.1f} | {x['rows'] / part:,.0f} | {x['driver_peak_mb']:,} | {x['worker_peak_mb'] or '–'} | "
+                     f"{x['all_processes_peak_mb']:,} |")
+    ratios = ", ".join(f"{w} worker(s) {v:.2f}" for w, v in r["cost_ratio_largest_vs_smallest"].items())
+    lines += ["", f"Cost per row (wall), largest vs smallest input: {ratios} (target {r['target']}, met: {r['met']}).",
+              "Scoring rows/s = rows / the slowest part's seconds (its Scorer load, reads, scoring and "
+              "writes; not the process and Ray start-up).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.scoring --scale ...``: the scale mode (the throughput mode runs in the suite)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", action="store_true", help="mdlora score on growing inputs, 1 and 2 workers")
+    p.add_argument("--rows", default="1000000,10000000", help="comma-separated row counts (multiples of the first)")
+    p.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    p.add_argument("--work", default="/tmp/mdlora-score-scale", help="data and registry (reused)")
+    p.add_argument("--out", default="", help="JSON result path (+ .md beside it)")
+    a = p.parse_args(argv)
+    if not a.scale:
+        p.error("only --scale runs from here; the throughput figures come from benchmarks.suite")
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = run_scale(work, [int(x) for x in a.rows.split(",")], [int(x) for x in a.workers.split(",")])
+    text = scale_markdown(results)
+    print(text)
+    if a.out:
+        write_results(Path(a.out), results, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

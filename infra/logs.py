@@ -221,10 +221,14 @@ class LogDataset:
         share = total // world_size if drop_last else -(-total // world_size)  # smallest/largest
         return share // batch_size if drop_last else -(-share // batch_size)
 
+    @property
+    def scan(self) -> dict:
+        """Scanner options of :meth:`read_piece` (picklable: they travel with pieces to Ray tasks)."""
+        return self._scan
+
     def read_piece(self, piece: Piece) -> Iterator[pa.RecordBatch]:
         """Stream the filtered, projected record batches of one piece (errors name the file)."""
-        with _naming(piece.path):
-            yield from piece.fragment.to_batches(**self._scan)
+        return read_piece(piece, self._scan)
 
     # ---- batches ---------------------------------------------------------------------------
     def iter_batches(
@@ -375,6 +379,12 @@ def _prefetched(produce: Callable[[], Iterator], depth: int) -> Iterator:
             with contextlib.suppress(queue.Empty):
                 q.get_nowait()
             thread.join(0.01)
+
+
+def read_piece(piece: Piece, scan: dict) -> Iterator[pa.RecordBatch]:
+    """Stream the record batches of one piece with :attr:`LogDataset.scan` options (errors name the file)."""
+    with _naming(piece.path):
+        yield from piece.fragment.to_batches(**scan)
 
 
 @contextlib.contextmanager

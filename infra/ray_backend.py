@@ -232,11 +232,26 @@ def map_tasks(fn: Callable, items: list, num_cpus: int = 1) -> list:
 
     Returns:
         The results, in the order of ``items``.
+
+    Raises:
+        Exception: the first failed task's own exception (not Ray's wrapper, whose message is
+            the remote traceback), after the other tasks were cancelled and have stopped, so
+            nothing they write lands after the caller cleaned up.
     """
     import ray
 
     remote = ray.remote(num_cpus=num_cpus, max_retries=1)(fn)
-    return ray.get([remote.remote(item) for item in items])
+    refs = [remote.remote(item) for item in items]
+    try:
+        return ray.get(refs)
+    except Exception as e:
+        for ref in refs:
+            ray.cancel(ref)
+        ray.wait(refs, num_returns=len(refs), timeout=60)
+        cause = getattr(e, "cause", None)
+        if isinstance(e, ray.exceptions.RayTaskError) and isinstance(cause, Exception):
+            raise cause from e
+        raise
 
 
 def check_cluster(world_size: int, cpus_per_worker: int, device: str) -> None:

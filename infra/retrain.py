@@ -291,13 +291,17 @@ def evaluate(cfg: RetrainConfig, state: dict, record: Record, cache: Path) -> di
     root, model = cfg.pretrain.output.root, cfg.pretrain.output.model
     champion = Scorer(root, model, state["champion"]["version"], cache_dir=cache)
     challenger = Scorer(root, model, state["backbone"]["version"], bundles=state["adapters"], cache_dir=cache)
-    old = champion.score_dataset(cfg.gate.holdout, record.uri("champion.parquet"))["domains"]
-    new = challenger.score_dataset(cfg.gate.holdout, record.uri("challenger.parquet"))["domains"]
+
+    def score(scorer: Scorer, data: str, name: str) -> dict:  # per-domain figures; predictions in the record
+        return scorer.score_dataset(data, record.uri(name), cfg.gate.score, cfg.pretrain.dist.address)["domains"]
+
+    old = score(champion, cfg.gate.holdout, "champion.parquet")
+    new = score(challenger, cfg.gate.holdout, "challenger.parquet")
     holdout = {d: cfg.gate.holdout for d in set(old) | set(new)}
     for d, test in sorted(state.get("holdouts", {}).items()):  # added domains: their own test split
         if test and d not in holdout and d in state["adapters"]:
-            old[d] = champion.score_dataset(test, record.uri(f"champion-{d}.parquet"))["domains"].get(d, {})
-            new[d] = challenger.score_dataset(test, record.uri(f"challenger-{d}.parquet"))["domains"].get(d, {})
+            old[d] = score(champion, test, f"champion-{d}.parquet").get(d, {})
+            new[d] = score(challenger, test, f"challenger-{d}.parquet").get(d, {})
             holdout[d] = test
     out = {}
     for d in sorted(set(old) | set(champion.versions) | set(state["adapters"])):

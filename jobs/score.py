@@ -1,4 +1,7 @@
-"""``mdlora score --config C --data P --out Q [--bundles d=vNNNN,...]``: routed mixed-domain scoring."""
+"""``mdlora score --config C --data P --out Q [--bundles d=vNNNN,...]``: routed mixed-domain scoring.
+
+``score.workers`` (config) spreads the input over Ray tasks; ``out`` is then a directory of parts.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Options of ``mdlora score``."""
     add_config_options(p, "adapter run (AdaptConfig: output.root/model/backbone)")
     p.add_argument("--data", required=True, help="Parquet dataset to score (file or dir, local or s3://)")
-    p.add_argument("--out", required=True, help="predictions Parquet file to write (local or s3://)")
+    p.add_argument("--out", required=True, help="predictions to write, local or s3:// (score.workers > 1: a directory of parts)")
     p.add_argument("--bundles", default="", help="domain=version,... (default: every domain's production bundle)")
 
 

@@ -1,6 +1,7 @@
 """Atomic local writes: readers see the old state or the new one, never a partial one.
 
-* :func:`write_bytes` / :func:`write_json` write a file through a temp file + ``os.replace``.
+* :func:`write_bytes` / :func:`write_json` write a file through a temp file + ``os.replace``;
+  :func:`staging_file` yields such a temp file for writers that stream (Parquet writers).
 * :func:`staging_dir` yields a hidden temp directory next to the destination; on success it is
   renamed into place in one ``os.rename`` (directories that already exist are refused, so a
   version is never overwritten), on error it is removed.
@@ -59,21 +60,36 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     Raises:
         OSError: the write failed (disk full, read-only, ...); it names ``path``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with staging_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def staging_file(dest: str | Path) -> Iterator[Path]:
+    """Yield a temp file path next to ``dest`` that replaces ``dest`` when the block exits
+    without error (fsync, ``os.replace``); on error it is removed and ``dest`` is untouched.
+
+    Yields:
+        The path to write (it exists, empty, mode 0666 & ~umask).
+
+    Raises:
+        OSError: writing or committing failed (disk full, ...); it names ``dest``.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; readers are other users too
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        faults.before_write(path)
-        os.replace(tmp, path)
+        faults.before_write(dest)
+        os.replace(tmp, dest)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        named = _naming(e, path)
+        named = _naming(e, dest)
         if named is e:
             raise
         raise named from e
@@ -81,7 +97,7 @@ def write_bytes(path: str | Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    _fsync_dir(dest.parent)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -295,6 +295,30 @@ class AdaptOutputConfig(OutputConfig):
             raise ValueError("backbone: needs an alias or a version, got ''")
 
 
+@dataclass(kw_only=True)
+class ScoreConfig:
+    """How ``mdlora score`` and the retrain gate spread a dataset over processes.
+
+    One worker scores in the calling process (no Ray start: the fastest for small inputs) and
+    writes one Parquet file; more spread the input's row groups, contiguous and balanced by
+    rows, over Ray tasks that each load the backbone and the bundles their rows need and write
+    one part of a directory ``out/part-NNNNN.parquet`` + ``_SUCCESS``, committed at once.
+    """
+
+    workers: int = 1
+    """Ray tasks the input is spread over (capped by its row groups); 1: in this process,
+    no Ray; 0: one per ``cpus_per_worker`` CPUs of the Ray cluster."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per task and its torch threads (one worker: this process's torch threads
+    while it scores)."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError(f"workers: must be >= 0, got {self.workers}")
+        if self.cpus_per_worker < 1:
+            raise ValueError(f"cpus_per_worker: must be >= 1, got {self.cpus_per_worker}")
+
+
 def _adapt_loop() -> LoopConfig:
     return LoopConfig(epochs=10, patience=2)
 
@@ -315,6 +339,8 @@ class AdaptConfig:
     loop: LoopConfig = field(default_factory=_adapt_loop)
     dist: DistConfig = field(default_factory=DistConfig)
     output: AdaptOutputConfig = field(default_factory=AdaptOutputConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    """``mdlora score``: workers the scored dataset is spread over (``dist.address``: the cluster)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -337,6 +363,8 @@ class GateConfig:
     tolerance: float = 0.002
     """A challenger is promoted when it is not worse than the champion by more than this:
     AUC_challenger >= AUC_champion - tolerance (LogLoss: <= champion + tolerance)."""
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    """Workers the holdout is scored with (``pretrain.dist.address``: the cluster)."""
 
     def __post_init__(self) -> None:
         if not self.holdout:
@@ -377,6 +405,8 @@ class RetrainConfig:
         for k in ("schema", "train", "val", "test", "window"):
             if getattr(data, k):
                 raise ValueError(f"adapt.data.{k}: taken from pretrain.data and --window; leave it out")
+        if self.adapt.score != ScoreConfig():
+            raise ValueError("adapt.score: the gate scores with gate.score; leave it out")
         if self.adapt.output != AdaptOutputConfig():
             raise ValueError("adapt.output: taken from pretrain.output (the backbone is the new version); "
                              "leave it out")
