@@ -4,7 +4,7 @@
   (base modules), each as ``mdlora.<package>`` (never the bare folder name);
 * ``ray`` is imported only in ``infra/``; ``mlflow`` and ``tensorboardX`` only in ``infra/tracking.py``;
 * model math (``trainer/backbone.py``, ``trainer/task.py``, ``adapters/lora.py``,
-  ``adapters/multilora.py``) imports neither torch.distributed nor Ray nor I/O layers.
+  ``adapters/multilora.py``, ``adapters/wide.py``) imports neither torch.distributed nor Ray nor I/O layers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"jobs": 4, "infra": 3, "trainer": 2, "embeddings": 1, "adapters": 1, "mdlora": 0}
-PURE = ["trainer/backbone.py", "trainer/task.py", "adapters/lora.py", "adapters/multilora.py"]
+PURE = ["trainer/backbone.py", "trainer/task.py", "adapters/lora.py", "adapters/multilora.py", "adapters/wide.py"]
 
 
 def imports(path: Path) -> list[str]:
