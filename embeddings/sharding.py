@@ -10,8 +10,12 @@ The only ``torchrec.distributed`` user besides ``checkpoint.py`` / ``snapshot.py
     dense_opt = torch.optim.Adam(dense_params(dmp), lr=1e-3)
 
 Tables live in device memory: HBM on cuda, host DDR on cpu (``hbm_gb`` is the per-rank budget
-for both). Kernels are limited to ``fused`` (TBE) and ``dense`` (data parallel), so the planner
-never silently offloads a table to UVM; tables that do not fit are a ValueError naming the bytes.
+for both). Kernels are ``fused`` (TBE) and ``dense`` (data parallel), so by default the planner
+never offloads a table to UVM; tables that do not fit are a ValueError naming the bytes. On cuda,
+``uvm=True`` also offers ``fused_uvm_caching``: a table's rows and optimiser state live in host
+memory (``host_gb`` per rank) behind an HBM cache of ``cache_ratio`` of them (fbgemm's UVM-cached
+TBE; torchrec's ``CacheParams.load_factor``). The planner picks it only where it must or where it
+is cheaper (its cost model ranks HBM tables first); see :mod:`plan_view` for the bytes.
 ``row_wise`` / ``table_row_wise`` exist only on cuda (fbgemm's CPU TBE).
 
 Fused sparse optimisers run inside the embedding kernels' backward
@@ -22,7 +26,6 @@ per row) on both devices, ``adam`` (two floats per weight) on cuda only.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from typing import Any
 
@@ -41,12 +44,20 @@ from torchrec.distributed.planner.types import (
     TopologyFactory,
     TrainerConfig,
 )
-from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.distributed.types import CacheParams, ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad, apply_optimizer_in_backward
 from torchrec.optim.keyed import KeyedOptimizer
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from mdlora.embeddings.plan_view import (  # noqa: F401  (re-exported: sharding.plan_to_dict, ...)
+    STATE_FLOATS,
+    UVM_CACHING,
+    format_plan,
+    gb,
+    plan_to_dict,
+    table_bytes,
+)
 from mdlora.embeddings.schema import TableSpec
 
 DEVICE_TYPES = ("cpu", "cuda")
@@ -60,14 +71,17 @@ DEFAULT_SHARDING = {
 }
 # name -> (optimizer class, floats of state per weight; rowwise_adagrad keeps 1 per row instead)
 SPARSE_OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], float]] = {
-    "sgd": (torch.optim.SGD, 0.0),
-    "adagrad": (torch.optim.Adagrad, 1.0),
-    "rowwise_adagrad": (RowWiseAdagrad, 0.0),
-    "adam": (torch.optim.Adam, 2.0),
+    name: (cls, STATE_FLOATS[name])
+    for name, cls in [
+        ("sgd", torch.optim.SGD),
+        ("adagrad", torch.optim.Adagrad),
+        ("rowwise_adagrad", RowWiseAdagrad),
+        ("adam", torch.optim.Adam),
+    ]
 }
 _KERNELS = ["fused", "dense"]  # keep tables in device memory (no UVM offload)
-_RESERVED = 0.15  # share of each rank's memory held back for dense parts, activations and KJTs
-_FP32 = 4
+_UVM_KERNELS = [*_KERNELS, UVM_CACHING]  # dist.uvm: host memory behind an HBM cache (cuda)
+_RESERVED = 0.15  # share of each rank's HBM held back for dense parts, activations and KJTs
 _TABLE_KEY = re.compile(r"(?:^|\.)embedding_bags\.([^.]+)\.weight$")
 
 # The planner warns on every call about topology construction and dry-run estimates.
@@ -102,7 +116,9 @@ def _constraints(
     device_type: str,
     sharding_types: list[str],
     table_sharding: dict[str, list[str]],
+    cache_ratio: float | None = None,
 ) -> dict[str, ParameterConstraints]:
+    """Per-table constraints; ``cache_ratio`` (cuda) also allows the UVM-cached kernel."""
     unknown = sorted(set(table_sharding) - set(tables))
     if unknown:
         raise ValueError(f"dist.table_sharding: unknown tables {unknown} (tables: {tables})")
@@ -114,7 +130,15 @@ def _constraints(
             raise ValueError(
                 f"table {t!r}: {bad[0]} sharding needs device cuda (cpu: {CPU_SHARDING})"
             )
-        out[t] = ParameterConstraints(sharding_types=allowed, compute_kernels=_KERNELS)
+        out[t] = (
+            ParameterConstraints(sharding_types=allowed, compute_kernels=list(_KERNELS))
+            if cache_ratio is None
+            else ParameterConstraints(
+                sharding_types=allowed,
+                compute_kernels=list(_UVM_KERNELS),
+                cache_params=CacheParams(load_factor=cache_ratio),
+            )
+        )
     return out
 
 
@@ -124,6 +148,7 @@ def make_planner(
     hbm_gb: float = 0.0,
     constraints: dict[str, ParameterConstraints] | None = None,
     batch_size: int = 512,
+    host_gb: float = 0.0,
 ) -> EmbeddingShardingPlanner:
     """An ``EmbeddingShardingPlanner`` for ``world_size`` ranks (which need not exist).
 
@@ -134,11 +159,14 @@ def make_planner(
             default (32 GB HBM on cuda, 128 GB DDR on cpu).
         constraints: per-table ``ParameterConstraints`` (see :func:`plan_for`).
         batch_size: per-rank batch size, for the planner's cost model.
+        host_gb: cuda only: host memory per rank in GB for UVM-cached tables, none reserved; 0
+            keeps torchrec's default (128 GB).
     """
     _check_device_type(device_type)
     cap = int(hbm_gb * 2**30) if hbm_gb > 0 else None
+    host = int(host_gb * 2**30) if host_gb > 0 else None
     trainer = (
-        TrainerConfig(world_size=world_size, hbm_cap_bytes=cap)
+        TrainerConfig(world_size=world_size, hbm_cap_bytes=cap, ddr_cap_bytes=host)
         if device_type == "cuda"
         else TrainerConfig(world_size=world_size, ddr_cap_bytes=cap)
     )
@@ -192,6 +220,9 @@ def plan_for(
     sharding_types: list[str] | None = None,
     table_sharding: dict[str, list[str]] | None = None,
     batch_size: int = 512,
+    uvm: bool = False,
+    host_gb: float = 0.0,
+    cache_ratio: float = 0.2,
     pg: dist.ProcessGroup | None = None,
 ) -> ShardingPlan:
     """Plan the embedding tables of ``module`` over ``world_size`` ranks.
@@ -210,21 +241,40 @@ def plan_for(
             :data:`DEFAULT_SHARDING`).
         table_sharding: per-table override of ``sharding_types``.
         batch_size: per-rank batch size for the cost model.
+        uvm: cuda only: also allow ``fused_uvm_caching``, so tables that do not fit in HBM live
+            in host memory behind an HBM cache (the planner picks the kernel per table).
+        host_gb: host memory per rank for UVM-cached tables (see :func:`make_planner`).
+        cache_ratio: share of a UVM-cached table held in the HBM cache, in (0, 1].
         pg: process group for a collective plan; ``None`` plans locally.
 
     Returns:
         The ``ShardingPlan``.
 
     Raises:
-        ValueError: unknown table, a cuda-only sharding type on cpu, a shard whose columns
-            are not a multiple of 4, or the tables do not fit (message gives the bytes needed
-            and the memory per rank).
+        ValueError: unknown table, a cuda-only sharding type on cpu, ``uvm`` on cpu, a shard
+            whose columns are not a multiple of 4, or the tables do not fit (message gives the
+            bytes needed and the memory per rank).
     """
     if pg is not None and pg.size() != world_size:
         raise ValueError(f"world_size {world_size} differs from the process group size {pg.size()}")
+    if uvm and device_type != "cuda":
+        raise ValueError(
+            f"dist.uvm: UVM caching keeps tables in host memory behind a GPU cache, so it needs "
+            f"device cuda (on {device_type} tables are in host memory already); set dist.uvm=false"
+        )
+    if not 0 < cache_ratio <= 1:
+        raise ValueError(f"dist.uvm_cache_ratio: must be in (0, 1], got {cache_ratio}")
     tables = {t.name: (t.num_embeddings, t.dim) for t in module_tables(module)}
-    cons = _constraints(list(tables), device_type, sharding_types or [], table_sharding or {})
-    planner = make_planner(world_size, device_type, hbm_gb, cons, batch_size)
+    cons = _constraints(
+        list(tables),
+        device_type,
+        sharding_types or [],
+        table_sharding or {},
+        cache_ratio if uvm else None,
+    )
+    planner = make_planner(
+        world_size, device_type, hbm_gb, cons, batch_size, host_gb if uvm else 0.0
+    )
 
     def plan() -> ShardingPlan:
         try:
@@ -234,12 +284,8 @@ def plan_for(
                 raise ValueError(f"sharding planner: {e}") from None
             opt = _attached_optimizer(module)
             need = sum(table_bytes(r, d, opt) for r, d in tables.values())
-            cap = hbm_gb * 2**30 if hbm_gb > 0 else (HBM_CAP if device_type == "cuda" else DDR_CAP)
-            raise ValueError(
-                f"embedding tables do not fit on {world_size} x {device_type} ranks: they need "
-                f"{_gb(need)} in all (weights + {opt or 'no'} optimizer state) and each rank has "
-                f"{_gb(cap)} ({_RESERVED:.0%} reserved: {_gb(world_size * cap * (1 - _RESERVED))} "
-                "usable in all); add ranks, raise dist.hbm_gb or shrink the tables"
+            raise _does_not_fit(
+                need, opt, world_size, device_type, hbm_gb, uvm, host_gb, cache_ratio
             ) from None
 
     if pg is None:
@@ -255,6 +301,40 @@ def plan_for(
     if isinstance(box[0], Exception):
         raise box[0]
     return box[0]
+
+
+def _does_not_fit(
+    need: int,
+    opt: str | None,
+    world: int,
+    device_type: str,
+    hbm_gb: float,
+    uvm: bool,
+    host_gb: float,
+    cache_ratio: float,
+) -> ValueError:
+    """The planner's INSUFFICIENT_STORAGE as a ValueError naming the bytes and the knobs."""
+    cap = hbm_gb * 2**30 if hbm_gb > 0 else (HBM_CAP if device_type == "cuda" else DDR_CAP)
+    usable = world * cap * (1 - _RESERVED)
+    head = (
+        f"embedding tables do not fit on {world} x {device_type} ranks: they need {gb(need)} in "
+        f"all (weights + {opt or 'no'} optimizer state) and each rank has {gb(cap)} "
+        f"({_RESERVED:.0%} reserved: {gb(usable)} usable in all)"
+    )
+    if device_type == "cpu":
+        return ValueError(f"{head}; add ranks, raise dist.hbm_gb or shrink the tables")
+    if not uvm:
+        return ValueError(
+            f"{head}; add ranks, raise dist.hbm_gb, shrink the tables, or set dist.uvm=true to "
+            "keep tables that do not fit in host memory behind an HBM cache (dist.host_gb, "
+            "dist.uvm_cache_ratio)"
+        )
+    host = host_gb * 2**30 if host_gb > 0 else DDR_CAP
+    return ValueError(
+        f"{head}, and with dist.uvm=true {gb(host)} of host memory for UVM-cached tables "
+        f"({gb(world * host)} in all; their HBM cache holds {cache_ratio:g} of them); add ranks, "
+        "raise dist.host_gb or dist.hbm_gb, lower dist.uvm_cache_ratio or shrink the tables"
+    )
 
 
 class ShardShapeError(ValueError):
@@ -273,7 +353,8 @@ def _check_columns(plan: ShardingPlan) -> ShardingPlan:
                         f"table {name!r}: its {ps.sharding_type} shard on rank {s.placement.rank()} has "
                         f"{s.shard_sizes[1]} columns, not a multiple of 4 as fbgemm's fused embedding kernels "
                         "need; make the table's dim a multiple of 4 (x the column shards), or shard it "
-                        "data_parallel")
+                        "data_parallel"
+                    )
     return plan
 
 
@@ -281,97 +362,6 @@ def _attached_optimizer(module: nn.Module) -> str | None:
     """Name of the sparse optimiser attached to ``module``'s tables, if any."""
     classes = {getattr(p, "_optimizer_classes", [None])[0] for p in module.parameters()}
     return next((name for name, (cls, _) in SPARSE_OPTIMIZERS.items() if cls in classes), None)
-
-
-def _gb(n: float) -> str:
-    return f"{n / 2**30:.3f} GB"
-
-
-def table_bytes(rows: int, cols: int, sparse_optimizer: str | None) -> int:
-    """Bytes of one fp32 shard [rows, cols] plus its fused optimiser state.
-
-    State floats: sgd 0, adagrad rows*cols, adam 2*rows*cols, rowwise_adagrad rows (one per row,
-    kept by every column shard of the row); ``None`` counts weights only.
-    """
-    if sparse_optimizer == "rowwise_adagrad":
-        state = rows
-    else:
-        state = SPARSE_OPTIMIZERS[sparse_optimizer][1] * rows * cols if sparse_optimizer else 0.0
-    return int(math.ceil((rows * cols + state) * _FP32))
-
-
-def plan_to_dict(
-    plan: ShardingPlan,
-    tables: list[TableSpec],
-    sparse_optimizer: str | None = None,
-    *,
-    world_size: int | None = None,
-) -> dict:
-    """JSON-able view of ``plan``: where each table's shards live and bytes per rank.
-
-    Args:
-        plan: a plan from :func:`plan_for`.
-        tables: the schema's tables (``schema.tables``), for shapes and order.
-        sparse_optimizer: optimiser whose state is counted in ``rank_bytes``.
-        world_size: ranks of the plan (default: highest rank holding a shard + 1).
-
-    Returns:
-        ``{"world_size", "sparse_optimizer", "rank_bytes": [int per rank], "tables": {name:
-        {"sharding_type", "compute_kernel", "ranks", "shards": [{"rank", "offsets": [row, col],
-        "sizes": [rows, cols]}]}}}``; a data-parallel table has one whole shard per rank.
-    """
-    params = {name: ps for mod in plan.plan.values() for name, ps in mod.items()}
-    missing = [t.name for t in tables if t.name not in params]
-    if missing:
-        raise ValueError(f"plan has no entry for tables {missing}")
-    out: dict[str, Any] = {}
-    world = world_size or 1 + max(r for ps in params.values() for r in ps.ranks or [0])
-    rank_bytes = [0] * world
-    for t in tables:
-        ps = params[t.name]
-        if ps.sharding_spec is None:  # data parallel: a full replica on every rank
-            shards = [
-                {"rank": r, "offsets": [0, 0], "sizes": [t.num_embeddings, t.dim]} for r in ps.ranks
-            ]
-        else:
-            shards = [
-                {
-                    "rank": s.placement.rank(),
-                    "offsets": list(s.shard_offsets),
-                    "sizes": list(s.shard_sizes),
-                }
-                for s in ps.sharding_spec.shards
-            ]
-        for s in shards:
-            rank_bytes[s["rank"]] += table_bytes(*s["sizes"], sparse_optimizer)
-        out[t.name] = {
-            "sharding_type": ps.sharding_type,
-            "compute_kernel": ps.compute_kernel,
-            "ranks": sorted({s["rank"] for s in shards}),
-            "shards": shards,
-        }
-    return {
-        "world_size": world,
-        "sparse_optimizer": sparse_optimizer,
-        "tables": out,
-        "rank_bytes": rank_bytes,
-    }
-
-
-def format_plan(d: dict) -> str:
-    """Human-readable table of a :func:`plan_to_dict` result (one line per table, then per rank)."""
-    lines = [f"{'table':<20} {'sharding':<18} {'kernel':<7} {'shards':>6}  ranks"]
-    for name, t in d["tables"].items():
-        ranks = ",".join(map(str, t["ranks"]))
-        lines.append(
-            f"{name:<20} {t['sharding_type']:<18} {t['compute_kernel']:<7} {len(t['shards']):>6}  {ranks}"
-        )
-    lines.append(
-        f"memory per rank (fp32 weights + {d['sparse_optimizer'] or 'no'} optimizer state):"
-    )
-    for r, b in enumerate(d["rank_bytes"]):
-        lines.append(f"  rank {r:<3} {_gb(b):>14}  ({b} bytes)")
-    return "\n".join(lines)
 
 
 def shard_model(

@@ -2,6 +2,10 @@
 
 mdlora plan [--config run.yaml] --world-size 8 --device cuda --hbm-gb 80 [--json]
 
+Tables too big for HBM plan as UVM-cached (host memory behind an HBM cache) with
+``--set dist.uvm=true`` (and ``dist.host_gb``, ``dist.uvm_cache_ratio``); the output gives each
+table's kernel and cache ratio and each rank's HBM and host bytes.
+
 Without ``--config`` (or ``--set data.schema=FILE``) it plans ``configs/schema.yaml``.
 """
 
@@ -78,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     ebc = build_ebc(schema)  # meta: nothing is allocated
     sharding.apply_sparse_optimizer(ebc, cfg.optim.sparse_optimizer, cfg.optim.sparse_lr, device)
     plan = plan_tables(ebc, cfg.dist, cfg.data.batch_size, world_size=world, device=device, hbm_gb=args.hbm_gb)
-    d = sharding.plan_to_dict(plan, schema.tables, cfg.optim.sparse_optimizer, world_size=world)
+    d = sharding.plan_to_dict(
+        plan, schema.tables, cfg.optim.sparse_optimizer, world_size=world, device_type=device
+    )
     print(json.dumps(d, indent=2) if args.json else sharding.format_plan(d))
     return 0

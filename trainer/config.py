@@ -149,6 +149,18 @@ class DistConfig:
     """Per-table override of allowed sharding types, e.g. {user: [row_wise]}."""
     hbm_gb: float = 0.0
     """Per-device memory for planning (0: planner default for the device)."""
+    uvm: bool = False
+    """cuda only: tables that do not fit in HBM may live in host memory behind an HBM cache
+    (fbgemm's UVM-cached kernel, ``fused_uvm_caching``); the planner picks it per table under
+    ``host_gb``. false: every table must fit in HBM (else a ValueError naming the bytes). Planning
+    with uvm true for device cpu is an error (checked where the device is known: ``mdlora plan
+    --device`` may override ``device``); there tables are in host memory already."""
+    host_gb: float = 0.0
+    """Host (DDR) memory per rank in GB for UVM-cached tables, none of it reserved; 0: the
+    planner default (128 GB). Read only when ``uvm`` is true."""
+    uvm_cache_ratio: float = 0.2
+    """Share of a UVM-cached table's rows held in its HBM cache, in (0, 1] (torchrec's
+    ``CacheParams.load_factor``): more HBM per table, fewer cache misses."""
     address: str = ""
     """Ray cluster address; empty: start an embedded local Ray (or join RAY_ADDRESS)."""
     max_failures: int = 2
@@ -161,6 +173,10 @@ class DistConfig:
             raise ValueError(f"world_size: must be >= 1, got {self.world_size}")
         if self.max_failures < 0 or self.cpus_per_worker < 1:
             raise ValueError("max_failures must be >= 0 and cpus_per_worker >= 1")
+        if self.host_gb < 0:
+            raise ValueError(f"host_gb: must be >= 0, got {self.host_gb}")
+        if not 0 < self.uvm_cache_ratio <= 1:
+            raise ValueError(f"uvm_cache_ratio: must be in (0, 1], got {self.uvm_cache_ratio}")
         known = {"table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise", "data_parallel"}
         for t in self.sharding_types + [s for v in self.table_sharding.values() for s in v]:
             if t not in known:

@@ -85,7 +85,8 @@ def setup_pretrain(cfg: RunConfig, env: DistEnv, schema: Schema, total_steps: in
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=o.warmup_steps, total=total_steps, schedule=o.schedule)
     )
-    return Setup(model, optimizer, scheduler, params, sharding.plan_to_dict(plan, schema.tables, o.sparse_optimizer))
+    plan_view = sharding.plan_to_dict(plan, schema.tables, o.sparse_optimizer, device_type=env.device.type)
+    return Setup(model, optimizer, scheduler, params, plan_view)
 
 
 def plan_tables(module: torch.nn.Module, dist: DistConfig, batch_size: int, *, world_size: int | None = None,
@@ -109,7 +110,8 @@ def plan_tables(module: torch.nn.Module, dist: DistConfig, batch_size: int, *, w
     return sharding.plan_for(
         module, world, device or dist.device, hbm_gb=dist.hbm_gb if hbm_gb is None else hbm_gb,
         sharding_types=dist.sharding_types, table_sharding=dist.table_sharding,
-        batch_size=local_batch(batch_size, world), pg=pg)
+        batch_size=local_batch(batch_size, world), uvm=dist.uvm, host_gb=dist.host_gb,
+        cache_ratio=dist.uvm_cache_ratio, pg=pg)
 
 
 def _sharded(schema: Schema, model_cfg: ModelConfig, dist: DistConfig, env: DistEnv, batch_size: int,
