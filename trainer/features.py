@@ -83,9 +83,21 @@ class Features:
 
     def split(self, seed: int, validation: float = 0.1) -> dict[str, Features]:
         """Seeded random ``{"train", "validation"}`` partition; validation gets floor(N·share) rows."""
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        perm = _split_perm(len(self), seed)
         cut = len(self) - int(len(self) * validation)
         return {"train": self.select(perm[:cut]), "validation": self.select(perm[cut:])}
+
+
+def _split_perm(n: int, seed: int) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def validation_mask(n: int, seed: int, validation: float = 0.1) -> Tensor:
+    """bool [n]: the rows :meth:`Features.split` puts in validation (the same draw), for a
+    dataset that is divided as it is read rather than held."""
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[_split_perm(n, seed)[n - int(n * validation):]] = True
+    return keep
 
 
 class Rows(Protocol):
