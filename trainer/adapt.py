@@ -47,7 +47,15 @@ from mdlora.progress import Progress
 from mdlora.trainer.config import AdaptTrainConfig, LoopConfig
 from mdlora.trainer.features import Features, Head, Rows, forward, materialise, predict
 from mdlora.trainer.metrics import DomainMetrics
-from mdlora.trainer.rows import DomainBlocks, Held, Shuffled, StreamedRows, TrainRows, batches, domain_buffer
+from mdlora.trainer.rows import (
+    DomainBlocks,
+    Held,
+    Shuffled,
+    StreamedRows,
+    TrainRows,
+    batches,
+    domain_buffer,
+)
 
 __all__ = ["DomainResult", "Features", "Head", "compare", "domain_seed", "gain_confidence", "materialise",
            "predict", "train_mlora", "train_mlora_domain", "train_multilora"]
