@@ -242,9 +242,7 @@ def _streamed(adapted: AdaptedModel, vocab: list[str], pack: list[str], splits: 
     ids = {vocab.index(d) for d in pack}
     part: dict[str, Rows] = {s: StreamedRows(sorted((b for b in blocks if b.domain in ids), key=lambda b: b.domain))
                              for s, blocks in splits.items()}
-    lut = torch.full((len(vocab),), -1, dtype=torch.long)
-    lut[[vocab.index(d) for d in adapted.domain_names]] = torch.arange(len(adapted.domain_names))
-    train = {b.domain: b for b in splits["train"]}
+    lut, train = _slot_lut(adapted, vocab), {b.domain: b for b in splits["train"]}
     return part, {s: lut[r.domains] for s, r in part.items()}, [
         Shuffled(train.get(vocab.index(d), DomainBlocks(vocab.index(d), [], _no_block)), buffer_rows)
         for d in pack]
@@ -296,10 +294,16 @@ def _by_domain(f: Features, k: int) -> tuple[Features, list[Tensor]]:
 def _routed(adapted: AdaptedModel, vocab: list[str], splits: dict[str, Features]
             ) -> tuple[dict[str, Features], dict[str, Tensor]]:
     """Rows of the adapted domains per split and their slots [N] into ``adapted.domain_names``."""
-    lut = torch.full((len(vocab),), -1, dtype=torch.long)
-    lut[[vocab.index(d) for d in adapted.domain_names]] = torch.arange(len(adapted.domain_names))
+    lut = _slot_lut(adapted, vocab)
     part = {s: f.select(lut[f.domains] >= 0) for s, f in splits.items()}
     return part, {s: lut[f.domains] for s, f in part.items()}
+
+
+def _slot_lut(adapted: AdaptedModel, vocab: list[str]) -> Tensor:
+    """[len(vocab)]: each domain id's slot in ``adapted.domain_names`` (-1: not adapted here)."""
+    lut = torch.full((len(vocab),), -1, dtype=torch.long)
+    lut[[vocab.index(d) for d in adapted.domain_names]] = torch.arange(len(adapted.domain_names))
+    return lut
 
 
 def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], train: list[TrainRows],

@@ -23,18 +23,23 @@ def _same(x: Features, y: Features) -> bool:
     return all(torch.equal(s, t) for s, t in zip(x.tensors(), y.tensors(), strict=True))
 
 
-def test_each_domain_loads_the_rows_the_in_memory_path_had(tmp_path):
+def _write(directory) -> tuple[dict[str, list[Features]], list[Features], Head]:
+    """Two ranks' files: domains a, b in train/validation/test; c (added) as one dataset, divided 9:1."""
     ranks = {s: [_rank(10 * r + i, 40 + 7 * r, [0, 1]) for r in range(2)]
              for i, s in enumerate(("train", "validation", "test"))}
-    added = [_rank(99 + r, 30, [2]) for r in range(2)]  # an added domain: one dataset, divided 9:1
+    added = [_rank(99 + r, 30, [2]) for r in range(2)]
     head = Head(torch.nn.Linear(E, 3), torch.nn.Linear(3, 1))
     for r in range(2):
         index: dict[str, int] = {}
         for split, parts in ranks.items():
-            features.write_rank(tmp_path, 0, split, parts[r], VOCAB, r, index)
-        features.write_rank(tmp_path, 1, features.ALL, added[r], VOCAB, r, index)
-        features.write_index(tmp_path, r, index, head if r == 0 else None)
+            features.write_rank(directory, 0, split, parts[r], VOCAB, r, index)
+        features.write_rank(directory, 1, features.ALL, added[r], VOCAB, r, index)
+        features.write_index(directory, r, index, head if r == 0 else None)
+    return ranks, added, head
 
+
+def test_each_domain_loads_the_rows_the_in_memory_path_had(tmp_path):
+    ranks, added, head = _write(tmp_path)
     cache = features.read_index(str(tmp_path), E, A)
     whole = {s: Features.cat(parts, E, A) for s, parts in ranks.items()}
     for d, name in enumerate(VOCAB[:2]):
@@ -54,20 +59,6 @@ def test_each_domain_loads_the_rows_the_in_memory_path_had(tmp_path):
 
     fresh = Head(torch.nn.Linear(E, 3), torch.nn.Linear(3, 1))
     assert all(torch.equal(p, q) for p, q in zip(cache.head(fresh).parameters(), head.parameters(), strict=True))
-
-
-def _write(tmp_path) -> tuple[dict, list[Features]]:
-    ranks = {s: [_rank(10 * r + i, 40 + 7 * r, [0, 1]) for r in range(2)]
-             for i, s in enumerate(("train", "validation", "test"))}
-    added = [_rank(99 + r, 30, [2]) for r in range(2)]
-    head = Head(torch.nn.Linear(E, 3), torch.nn.Linear(3, 1))
-    for r in range(2):
-        index: dict[str, int] = {}
-        for split, parts in ranks.items():
-            features.write_rank(tmp_path, 0, split, parts[r], VOCAB, r, index)
-        features.write_rank(tmp_path, 1, features.ALL, added[r], VOCAB, r, index)
-        features.write_index(tmp_path, r, index, head if r == 0 else None)
-    return ranks, added
 
 
 def _by_x(f: Features) -> Features:
