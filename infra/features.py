@@ -171,9 +171,13 @@ def _blocks(paths: list[str], sizes: list[int], block_rows: int,
 
 
 def _read(path: str, lo: int, hi: int, keep: Tensor | None) -> Features:
-    """Rows ``[lo, hi)`` of one cache file (only those bytes are read), those of ``keep`` [hi - lo]."""
+    """Rows ``[lo, hi)`` of one cache file (only those bytes are read), those of ``keep`` [hi - lo].
+
+    A slice is a view on the file's memory map: it is copied so that the map closes with the
+    file (kept, the maps of every held block count in the task's RSS: +40 MB at 1.5M rows).
+    """
     with safe_open(path, "pt") as f:
-        feats = Features(*(f.get_slice(k)[lo:hi] for k in Features.keys()))
+        feats = Features(*(f.get_slice(k)[lo:hi].clone() for k in Features.keys()))
     return feats if keep is None else feats.select(keep)
 
 

@@ -143,12 +143,15 @@ def gain_confidence(base: Tensor, adapted: Tensor, labels: Tensor, resamples: in
     if not len(pos) or not len(neg):
         return None
     rng, wins = np.random.default_rng(seed), 0.0
-    block = max(1, 2_000_000 // len(y))  # resamples per call: bounded memory
+    block = max(1, 2_000_000 // len(y))  # resamples per draw: bounded memory (and the draws' order)
+    part = max(1, 250_000 // len(y))  # resamples per U: its working arrays are many times its input
     for lo in range(0, resamples, block):
         r = min(block, resamples - lo)
         ip, ineg = pos[rng.integers(0, len(pos), (r, len(pos)))], neg[rng.integers(0, len(neg), (r, len(neg)))]
-        u_a, u_b = (mannwhitneyu(m[ip], m[ineg], axis=1, method="asymptotic").statistic for m in (a, b))
-        wins += float((u_a > u_b).sum() + 0.5 * (u_a == u_b).sum())
+        for i in range(0, r, part):  # each resample's U is its own: splitting changes no figure
+            u_a, u_b = (mannwhitneyu(m[ip[i:i + part]], m[ineg[i:i + part]], axis=1, method="asymptotic").statistic
+                        for m in (a, b))
+            wins += float((u_a > u_b).sum() + 0.5 * (u_a == u_b).sum())
     return wins / resamples
 
 
@@ -238,10 +241,10 @@ def _streamed(adapted: AdaptedModel, vocab: list[str], pack: list[str], splits: 
               buffer_rows: int) -> tuple[dict[str, Rows], dict[str, Tensor], list[TrainRows]]:
     """A pack's streamed rows: eval splits as :class:`StreamedRows` (domains by id, as the held
     path orders them) with their slots, and each of ``pack``'s training rows through a shuffle
-    buffer of ``buffer_rows``."""
+    buffer of ``buffer_rows`` (nothing a training row is kept)."""
     ids = {vocab.index(d) for d in pack}
     part: dict[str, Rows] = {s: StreamedRows(sorted((b for b in blocks if b.domain in ids), key=lambda b: b.domain))
-                             for s, blocks in splits.items()}
+                             for s, blocks in splits.items() if s != "train"}  # train: Shuffled, no per-row state
     lut, train = _slot_lut(adapted, vocab), {b.domain: b for b in splits["train"]}
     return part, {s: lut[r.domains] for s, r in part.items()}, [
         Shuffled(train.get(vocab.index(d), DomainBlocks(vocab.index(d), [], _no_block)), buffer_rows)
