@@ -2,7 +2,8 @@
 
 Adapters train on :class:`~mdlora.trainer.features.Head` over :class:`~mdlora.trainer.features.Features`
 (re-exported here), the cached ``x`` of every row (see :mod:`mdlora.trainer.features` for why that is
-exact).
+exact), held in memory or, for MLoRA, streamed from the cache through a bounded shuffle buffer
+(:mod:`mdlora.trainer.rows`); every forward goes through :func:`~mdlora.trainer.features.forward`.
 
 * MLoRA (:func:`train_mlora`): every domain is independent: its own init seed, its own
   single-domain batches, its own Adam state, its own early stopping on its validation AUC (the
@@ -241,7 +242,7 @@ def _streamed(adapted: AdaptedModel, vocab: list[str], pack: list[str], splits: 
               buffer_rows: int) -> tuple[dict[str, Rows], dict[str, Tensor], list[TrainRows]]:
     """A pack's streamed rows: eval splits as :class:`StreamedRows` (domains by id, as the held
     path orders them) with their slots, and each of ``pack``'s training rows through a shuffle
-    buffer of ``buffer_rows`` (nothing a training row is kept)."""
+    buffer of ``buffer_rows`` (nothing of a training row is kept)."""
     ids = {vocab.index(d) for d in pack}
     part: dict[str, Rows] = {s: StreamedRows(sorted((b for b in blocks if b.domain in ids), key=lambda b: b.domain))
                              for s, blocks in splits.items() if s != "train"}  # train: Shuffled, no per-row state
