@@ -172,6 +172,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {n:,} | {r['driver_peak_mb']:,} | {r['task_peak_mb']:,} | {adapter:,} | "
                          f"{r.get('materialise_peak_mb', 0):,} | {r['all_processes_peak_mb']:,} | "
                          f"{r['s_per_million_rows']} | {ratio} |")
+        loads = [f"{n:,} rows {r['load'][0]:.1f} → {r['load'][1]:.1f}" for n, r in sorted(ok.items()) if "load" in r]
+        lines += ["", f"1-minute load average at the start and end of each run (2 cores): {'; '.join(loads)}."] if loads else []
         lines.append("")
     return "\n".join(lines)
 
