@@ -17,14 +17,15 @@ in-memory path before the feature cache, for example); ``--set K=V`` overrides t
 
 ``--parity SEEDS`` compares instead the held and the streamed path on the smallest row count:
 per seed (``loop.seed``) one run with the default buffer (tasks hold their rows) and one with
-``train.buffer_rows`` from ``--set`` (tasks stream), each domain's test AUC side by side.
+``train.buffer_rows=--stream-rows`` (tasks stream), both with ``--set``, each domain's test AUC
+side by side.
 
     python -m benchmarks.adapt_scale --rows 300000,3000000 --domains 5 \\
         --out benchmarks/results/2026-12-07/adapt_scale.json
     python -m benchmarks.adapt_scale --rows 300000,3000000 --domains 5 --set train.buffer_rows=50000 \\
         --out benchmarks/results/2026-12-07/adapt_scale_stream.json
-    python -m benchmarks.adapt_scale --rows 300000 --domains 5 --parity 0,1,2 --set train.buffer_rows=50000 \\
-        --out benchmarks/results/2026-12-07/adapt_stream_parity.json
+    python -m benchmarks.adapt_scale --rows 300000 --domains 5 --parity 0,1,2 --stream-rows 20000 \\
+        --set train.confidence=0 --out benchmarks/results/2026-12-07/adapt_stream_parity.json
 """
 
 from __future__ import annotations
@@ -106,15 +107,16 @@ def measure(repo: Path, work: Path, rows: list[int], domains: int, seed: int, ex
     return out
 
 
-def parity(repo: Path, work: Path, rows: int, domains: int, seed: int, seeds: list[int], extra: list[str]) -> dict:
-    """Per ``loop.seed``: each domain's test AUC held (default buffer) and streamed (``extra``)."""
+def parity(repo: Path, work: Path, rows: int, domains: int, seed: int, seeds: list[int], extra: list[str],
+           stream_rows: int) -> dict:
+    """Per ``loop.seed``: each domain's test AUC held (default buffer) and streamed (``stream_rows``)."""
     logs = _logs(work, rows, domains, seed)
     data, failed = _backbone(work, logs, domains)
     if failed:
         return failed
     out: dict = {}
     for s in seeds:
-        for path, over in (("held", []), ("streamed", extra)):
+        for path, over in (("held", extra), ("streamed", [*extra, f"train.buffer_rows={stream_rows}"])):
             run, summary = _adapt(repo, work, [*data, f"data.train={logs}/train", f"data.val={logs}/val",
                                                f"data.test={logs}/test", f"loop.seed={s}",
                                                f"output.run_dir={work}/parity-{rows}-{domains}", *over])
@@ -122,6 +124,7 @@ def parity(repo: Path, work: Path, rows: int, domains: int, seed: int, seeds: li
                 return failure(run, f"adapt ({path}, seed {s})")
             out.setdefault(s, {})[path] = {d: b["metrics"]["test"]["auc_adapter"]
                                            for d, b in sorted(summary["bundles"].items())}
+            out[s]["backbone"] = {d: b["metrics"]["test"]["auc_backbone"] for d, b in sorted(summary["bundles"].items())}
         diff = {d: out[s]["streamed"][d] - out[s]["held"][d] for d in out[s]["held"]}
         out[s]["difference"] = diff
         print(json.dumps({s: diff}), flush=True)
@@ -132,17 +135,17 @@ def parity(repo: Path, work: Path, rows: int, domains: int, seed: int, seeds: li
 def parity_markdown(results: dict) -> str:
     """Held vs streamed test AUC per seed and domain."""
     lines = [f"# Streamed vs held adapter tasks ({results['machine']['time_utc']}, {results['machine']['cores']} cores)",
-             "", f"Code: `{results['repo']}`. `mdlora adapt`, one epoch, {results['rows']:,} rows, streamed with "
-             f"`{' '.join(results['set'])}`.", ""]
+             "", f"Code: `{results['repo']}`. `mdlora adapt`, one epoch, {results['rows']:,} rows, both with "
+             f"`{' '.join(results['set']) or 'defaults'}`, streamed with `train.buffer_rows={results['stream_rows']}`.", ""]
     for domains, r in results["parity"].items():
         if "error" in r:
             lines += [f"{domains} domains: {r['error']}", ""]
             continue
-        lines += [f"## {domains} domains", "", "| seed | domain | test AUC held | test AUC streamed | difference |",
-                  "|---:|---|---:|---:|---:|"]
+        lines += [f"## {domains} domains", "", "| seed | domain | test AUC backbone | held | streamed | "
+                  "streamed − held |", "|---:|---|---:|---:|---:|---:|"]
         for s, by in r["seeds"].items():
-            lines += [f"| {s} | {d} | {by['held'][d]:.4f} | {by['streamed'][d]:.4f} | {by['difference'][d]:+.4f} |"
-                      for d in by["held"]]
+            lines += [f"| {s} | {d} | {by['backbone'][d]:.4f} | {by['held'][d]:.4f} | {by['streamed'][d]:.4f} | "
+                      f"{by['difference'][d]:+.4f} |" for d in by["held"]]
         lines += ["", f"Largest difference {r['max_abs_difference']:.4f}, mean {r['mean_abs_difference']:.4f}.", ""]
     return "\n".join(lines)
 
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="JSON result path (+ .md beside it)")
     p.add_argument("--set", action="append", default=[], metavar="K=V", help="adapt config override (repeatable)")
     p.add_argument("--parity", default="", help="comma-separated loop.seed values: held vs streamed test AUC")
+    p.add_argument("--stream-rows", type=int, default=20000, help="--parity: train.buffer_rows of the streamed runs")
     a = p.parse_args(argv)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -195,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=a.repo, capture_output=True, text=True).stdout
     results = {"machine": machine(), "repo": f"{commit.strip() or a.repo}", "set": a.set}
     if a.parity:
-        results |= {"rows": min(rows), "parity": {}}
+        results |= {"rows": min(rows), "stream_rows": a.stream_rows, "parity": {}}
         for k in (int(x) for x in a.domains.split(",")):
             results["parity"][k] = parity(Path(a.repo), work, min(rows), k, a.seed,
-                                          [int(s) for s in a.parity.split(",")], a.set)
+                                          [int(s) for s in a.parity.split(",")], a.set, a.stream_rows)
         text = parity_markdown(results)
     else:
         results["runs"] = {}
