@@ -125,6 +125,8 @@ def parity(repo: Path, work: Path, rows: int, domains: int, seed: int, seeds: li
             out.setdefault(s, {})[path] = {d: b["metrics"]["test"]["auc_adapter"]
                                            for d, b in sorted(summary["bundles"].items())}
             out[s]["backbone"] = {d: b["metrics"]["test"]["auc_backbone"] for d, b in sorted(summary["bundles"].items())}
+            out[s][f"{path}_best_epoch"] = {d: b["metrics"]["train"]["best_epoch"]  # 0: the backbone was kept
+                                            for d, b in sorted(summary["bundles"].items())}
         diff = {d: out[s]["streamed"][d] - out[s]["held"][d] for d in out[s]["held"]}
         out[s]["difference"] = diff
         print(json.dumps({s: diff}), flush=True)
@@ -142,10 +144,11 @@ def parity_markdown(results: dict) -> str:
             lines += [f"{domains} domains: {r['error']}", ""]
             continue
         lines += [f"## {domains} domains", "", "| seed | domain | test AUC backbone | held | streamed | "
-                  "streamed − held |", "|---:|---|---:|---:|---:|---:|"]
+                  "streamed − held | kept epoch held, streamed (0: backbone) |", "|---:|---|---:|---:|---:|---:|---|"]
         for s, by in r["seeds"].items():
             lines += [f"| {s} | {d} | {by['backbone'][d]:.4f} | {by['held'][d]:.4f} | {by['streamed'][d]:.4f} | "
-                      f"{by['difference'][d]:+.4f} |" for d in by["held"]]
+                      f"{by['difference'][d]:+.4f} | {by.get('held_best_epoch', {}).get(d, '')}, "
+                      f"{by.get('streamed_best_epoch', {}).get(d, '')} |" for d in by["held"]]
         lines += ["", f"Largest difference {r['max_abs_difference']:.4f}, mean {r['mean_abs_difference']:.4f}.", ""]
     return "\n".join(lines)
 
