@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from fsspec import AbstractFileSystem
 from safetensors import safe_open
 from safetensors.torch import load, save_file
 from torch import Tensor
@@ -134,7 +135,7 @@ class FeatureCache:
         return {s: [DomainBlocks(vocab.index(d), [n for n, _ in b], partial(_call, [r for _, r in b]))
                     for d, b in blocks[s].items()] for s in self._splits()}
 
-    def _local(self, fs, root: str, file: str, local: Path) -> str:  # noqa: ANN001
+    def _local(self, fs: AbstractFileSystem, root: str, file: str, local: Path) -> str:
         """A readable local path of the cache file ``file`` (copied from s3 into ``local``)."""
         if not is_s3(self.uri):
             return f"{root}/{file}"
