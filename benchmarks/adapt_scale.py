@@ -74,7 +74,10 @@ def _backbone(work: Path, logs: Path, domains: int) -> tuple[list[str], dict | N
 
 def _adapt(repo: Path, work: Path, overrides: list[str]) -> tuple[dict, dict]:
     """One ``mdlora adapt`` run: ``(launch result, its JSON summary)`` (summary {} on failure)."""
-    run = _cli(repo, work, "adapt", ["loop.epochs=1", "loop.patience=1", "dist.max_failures=0", *overrides])
+    for _ in range(3):  # an embedded Ray can time out starting on a loaded machine: start again
+        run = _cli(repo, work, "adapt", ["loop.epochs=1", "loop.patience=1", "dist.max_failures=0", *overrides])
+        if not run["rc"] or not any("timed out during startup" in t for _, t in run["lines"]):
+            break
     if run["rc"]:
         return run, {}
     text = "".join(t for _, t in run["lines"])
