@@ -284,7 +284,8 @@ def launch(
 
     Returns:
         ``{"rc", "t_launch", "wall", "lines": [(unix time, text)], "rss": {pid: MiB},
-        "nice": {pid: nice}, "seen": {pid: [first, last] unix time}, "rss_root": the launched
+        "nice": {pid: nice}, "seen": {pid: [first, last] unix time}, "titles": {pid: the first
+        words of its command lines seen (a Ray worker's title names its task)}, "rss_root": the launched
         process's own peak MiB, "rss_tree_peak": the largest sum of VmRSS over it and all its
         descendants at one poll, "cpu": [(unix time,
         watched CPU-s, other CPU-s)], "cpu_s": {"watched": s, "other": s}, "load": [1-min load
@@ -308,6 +309,7 @@ def launch(
     rss: dict[int, float] = {}
     nices: dict[int, int | None] = {}
     seen: dict[int, list[float]] = {}
+    titles: dict[int, set[str]] = {}
     cpu: dict[int, tuple[bool, float]] = {}
     timeline: list[tuple[float, float, float]] = []
     pending, spies = list(profiles), []
@@ -322,13 +324,15 @@ def launch(
         rss_root = max(rss_root, peak_rss_mb(proc.pid))
         rss_tree = max(rss_tree, sum(rss_mb(p) for p in tree))
         for pid in tree:
-            hit = watch in cmdline(pid)
+            line = cmdline(pid)
+            hit = watch in line
             was = cpu.get(pid, (False, 0.0))
             cpu[pid] = (hit or was[0], max(was[1], cpu_seconds(pid)))
             if hit:
                 rss[pid] = max(rss.get(pid, 0.0), peak_rss_mb(pid))
                 nices[pid] = niceness(pid)
                 seen.setdefault(pid, [now, now])[1] = now
+                titles.setdefault(pid, set()).add(line.split(" ", 1)[0])
         if watch:
             timeline.append(
                 (
@@ -361,6 +365,7 @@ def launch(
         "rss_tree_peak": rss_tree,
         "nice": nices,
         "seen": seen,
+        "titles": {pid: sorted(t) for pid, t in titles.items()},
         "cpu": timeline,
         "cpu_s": {
             "watched": timeline[-1][1] if timeline else 0.0,

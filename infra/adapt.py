@@ -69,6 +69,7 @@ from mdlora.trainer.adapt import (
 from mdlora.trainer.backbone import build_backbone
 from mdlora.trainer.config import AdaptConfig, RunConfig, local_batch
 from mdlora.trainer.recipes import build_frozen
+from mdlora.trainer.rows import block_rows
 
 log = logging.getLogger("mdlora.adapt")
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")  # buffers, not parameters
@@ -149,11 +150,18 @@ def materialise_sources(cfg: AdaptConfig, backbone: BackboneInfo, schema: Schema
 
 
 def _train_task(item: dict) -> tuple[list[DomainResult], dict]:
-    """Ray task: load this task's domains' features from the cache and train them (module-level
-    for pickling). MLoRA: each domain independently; MultiLoRA: jointly (shared aux LoRAs)."""
+    """Ray task: read this task's domains' features from the cache and train them (module-level
+    for pickling). MLoRA: each domain independently, its rows held when the task's rows fit in
+    ``train.buffer_rows`` and streamed through that buffer otherwise; MultiLoRA: jointly (shared
+    aux LoRAs; its mixed batches draw from every domain's rows, which are held)."""
     setup_logging()  # a Ray task: its progress lines reach the driver's output
     cache, cfg, vocab, wide = item["cache"], item["cfg"], item["vocab"], item["wide"]
     head = cache.head(item["head"])
+    if item["aux"] is None and cache.held_rows(item["domains"]) > cfg.train.buffer_rows:
+        with tempfile.TemporaryDirectory(prefix="mdlora-features-") as tmp:  # s3 files land here
+            splits = cache.stream(item["domains"], vocab, cfg.loop.seed,
+                                  block_rows(cfg.train.buffer_rows, cfg.train.batch_size, cfg.train.pack), Path(tmp))
+            return train_mlora(head, cfg.lora, vocab, item["domains"], splits, cfg.train, cfg.loop, wide), {}
     splits = cache.load(item["domains"], cfg.loop.seed)
     if item["aux"] is None:
         return train_mlora(head, cfg.lora, vocab, item["domains"], splits, cfg.train, cfg.loop, wide), {}

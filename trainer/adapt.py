@@ -2,7 +2,8 @@
 
 Adapters train on :class:`~mdlora.trainer.features.Head` over :class:`~mdlora.trainer.features.Features`
 (re-exported here), the cached ``x`` of every row (see :mod:`mdlora.trainer.features` for why that is
-exact).
+exact), held in memory or, for MLoRA, streamed from the cache through a bounded shuffle buffer
+(:mod:`mdlora.trainer.rows`); every forward goes through :func:`~mdlora.trainer.features.forward`.
 
 * MLoRA (:func:`train_mlora`): every domain is independent: its own init seed, its own
   single-domain batches, its own Adam state, its own early stopping on its validation AUC (the
@@ -29,8 +30,9 @@ Metrics per domain and split (``validation``, ``test``): AUC, LogLoss, NE and ca
 from __future__ import annotations
 
 import copy
+import dataclasses
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,8 +47,17 @@ from mdlora.adapters.lora import DomainLoRALinear
 from mdlora.adapters.wide import WideSpec
 from mdlora.progress import Progress
 from mdlora.trainer.config import AdaptTrainConfig, LoopConfig
-from mdlora.trainer.features import Features, Head, materialise, predict, wide_spec
+from mdlora.trainer.features import Features, Head, Rows, forward, materialise, predict, wide_spec
 from mdlora.trainer.metrics import DomainMetrics
+from mdlora.trainer.rows import (
+    DomainBlocks,
+    Held,
+    Shuffled,
+    StreamedRows,
+    TrainRows,
+    batches,
+    domain_buffer,
+)
 
 __all__ = ["DomainResult", "Features", "Head", "compare", "domain_seed", "gain_confidence", "materialise",
            "predict", "train_mlora", "train_mlora_domain", "train_multilora", "wide_spec"]
@@ -134,16 +145,19 @@ def gain_confidence(base: Tensor, adapted: Tensor, labels: Tensor, resamples: in
     if not len(pos) or not len(neg):
         return None
     rng, wins = np.random.default_rng(seed), 0.0
-    block = max(1, 2_000_000 // len(y))  # resamples per call: bounded memory
+    block = max(1, 2_000_000 // len(y))  # resamples per draw: bounded memory (and the draws' order)
+    part = max(1, 250_000 // len(y))  # resamples per U: its working arrays are many times its input
     for lo in range(0, resamples, block):
         r = min(block, resamples - lo)
         ip, ineg = pos[rng.integers(0, len(pos), (r, len(pos)))], neg[rng.integers(0, len(neg), (r, len(neg)))]
-        u_a, u_b = (mannwhitneyu(m[ip], m[ineg], axis=1, method="asymptotic").statistic for m in (a, b))
-        wins += float((u_a > u_b).sum() + 0.5 * (u_a == u_b).sum())
+        for i in range(0, r, part):  # each resample's U is its own: splitting changes no figure
+            u_a, u_b = (mannwhitneyu(m[ip[i:i + part]], m[ineg[i:i + part]], axis=1, method="asymptotic").statistic
+                        for m in (a, b))
+            wins += float((u_a > u_b).sum() + 0.5 * (u_a == u_b).sum())
     return wins / resamples
 
 
-def _gate(head: Head, model: nn.Module, adapted: AdaptedModel, part: dict[str, Features],
+def _gate(head: Head, model: nn.Module, adapted: AdaptedModel, part: dict[str, Rows],
           slots: dict[str, Tensor], results: list[DomainResult], start: dict[str, dict],
           cfg: AdaptTrainConfig, seed: int) -> None:
     """Reset to its starting (zero-update) state every domain whose kept adapter does not beat
@@ -162,11 +176,6 @@ def _gate(head: Head, model: nn.Module, adapted: AdaptedModel, part: dict[str, F
             adapted.load_state_for(r.domain, r.state)
 
 
-def _batches(n: int, size: int, gen: torch.Generator) -> list[Tensor]:
-    perm = torch.randperm(n, generator=gen)
-    return [perm[i:i + size] for i in range(0, n, size)]
-
-
 def _initial_states(adapted: AdaptedModel, lora: LoraConfig, domains: list[str], seed: int) -> None:
     """Give each domain the zero-update init it would get alone (``inject`` with only it, seeded
     by :func:`domain_seed`): the same RNG draws in the same layer order, whatever its pack."""
@@ -181,20 +190,25 @@ def _initial_states(adapted: AdaptedModel, lora: LoraConfig, domains: list[str],
 
 
 def train_mlora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[str],
-                splits: dict[str, Features], cfg: AdaptTrainConfig, loop: LoopConfig,
-                wide: WideSpec | None = None) -> list[DomainResult]:
+                splits: dict[str, Features] | dict[str, list[DomainBlocks]], cfg: AdaptTrainConfig,
+                loop: LoopConfig, wide: WideSpec | None = None) -> list[DomainResult]:
     """Train each of ``domains`` (ids into ``vocab``) on its own rows, ``cfg.pack`` at a time.
 
     A pack of P domains shares one routed model but nothing else (:func:`_train_domains`), so a
     domain's result is the same — up to float rounding — whatever it is packed or partitioned
     with, while a pack costs ``max_d ceil(n_d / batch)`` steps instead of ``sum_d``.
 
+    ``splits`` holds the rows (:class:`Features`), or gives each domain's rows on storage
+    (:class:`~mdlora.trainer.rows.DomainBlocks`): then training streams through a shuffle buffer
+    of ``cfg.buffer_rows`` rows per pack and evaluation block by block (:mod:`mdlora.trainer.rows`).
+
     Args:
         head: the frozen head (copied here, never modified).
         lora: adapter config (``method`` mlora).
         vocab: domain vocabulary the feature ``domains`` ids index.
         domains: domains to train.
-        splits: ``train`` (required), ``validation`` and ``test`` (optional) features.
+        splits: ``train`` (required), ``validation`` and ``test`` (optional) features, held or
+            as blocks per domain.
         cfg: learning rate, batch size, pack size.
         loop: ``epochs``, ``patience`` (epochs without a better validation score), ``seed``.
         wide: the features of ``lora.wide`` (:func:`wide_spec`), whose ids ``splits`` carry.
@@ -202,24 +216,51 @@ def train_mlora(head: Head, lora: LoraConfig, vocab: list[str], domains: list[st
     Returns:
         One :class:`DomainResult` per domain (state at its best validation epoch), in order.
     """
-    out, grouped = [], {s: _by_domain(f, len(vocab)) for s, f in splits.items()}
+    held = isinstance(splits["train"], Features)
+    grouped = {s: _by_domain(f, len(vocab)) for s, f in splits.items()} if held else {}
+    out = []
     for lo in range(0, len(domains), cfg.pack):
         pack, model = domains[lo:lo + cfg.pack], copy.deepcopy(head)
         adapted = inject(model, lora, pack, root="tower", wide=wide)
         _initial_states(adapted, lora, pack, loop.seed)
         start = {d: adapted.state_for(d) for d in pack}
-        ids = sorted(vocab.index(d) for d in pack)
-        part, slots = _routed(adapted, vocab, {s: f.select(torch.cat([rows[i] for i in ids]))
-                                               for s, (f, rows) in grouped.items()})
+        if held:
+            ids = sorted(vocab.index(d) for d in pack)
+            part, slots = _routed(adapted, vocab, {s: f.select(torch.cat([rows[i] for i in ids]))
+                                                   for s, (f, rows) in grouped.items()})
+            train: list[TrainRows] = [Held(part["train"], torch.nonzero(
+                slots["train"] == adapted.domain_names.index(d)).squeeze(1)) for d in pack]
+        else:
+            part, slots, train = _streamed(adapted, vocab, pack, splits, domain_buffer(
+                cfg.buffer_rows, cfg.batch_size, len(pack)))
         select, check = _halves(adapted, pack, part, slots, loop.seed) if cfg.confidence else ((part, slots), None)
-        out += (results := _train_domains(model, adapted, pack, *select, None, cfg, loop))
+        out += (results := _train_domains(model, adapted, pack, train, select[0].get("validation"),
+                                          select[1].get("validation"), None, cfg, loop))
         if check is not None:
             _gate(head, model, adapted, *check, results, start, cfg, loop.seed)
         _final_metrics(head, model, adapted, part, slots, results)
     return out
 
 
-def _halves(adapted: AdaptedModel, pack: list[str], part: dict[str, Features], slots: dict[str, Tensor],
+def _streamed(adapted: AdaptedModel, vocab: list[str], pack: list[str], splits: dict[str, list[DomainBlocks]],
+              buffer_rows: int) -> tuple[dict[str, Rows], dict[str, Tensor], list[TrainRows]]:
+    """A pack's streamed rows: eval splits as :class:`StreamedRows` (domains by id, as the held
+    path orders them) with their slots, and each of ``pack``'s training rows through a shuffle
+    buffer of ``buffer_rows`` (nothing of a training row is kept)."""
+    ids = {vocab.index(d) for d in pack}
+    part: dict[str, Rows] = {s: StreamedRows(sorted((b for b in blocks if b.domain in ids), key=lambda b: b.domain))
+                             for s, blocks in splits.items() if s != "train"}  # train: Shuffled, no per-row state
+    lut, train = _slot_lut(adapted, vocab), {b.domain: b for b in splits["train"]}
+    return part, {s: lut[r.domains] for s, r in part.items()}, [
+        Shuffled(train.get(vocab.index(d), DomainBlocks(vocab.index(d), [], _no_block)), buffer_rows)
+        for d in pack]
+
+
+def _no_block(i: int) -> Features:
+    raise IndexError(f"block {i} of a domain without rows")
+
+
+def _halves(adapted: AdaptedModel, pack: list[str], part: dict[str, Rows], slots: dict[str, Tensor],
             seed: int) -> tuple[tuple[dict, dict], tuple[dict, dict] | None]:
     """``(part, slots)`` with each domain's validation rows split in two seeded halves: the
     first drives early stopping, the second is the gate's (an early-stopped state is the best of
@@ -236,15 +277,16 @@ def _halves(adapted: AdaptedModel, pack: list[str], part: dict[str, Features], s
         halves[1].append(rows[(len(rows) + 1) // 2:])
     out = []
     for h in halves:
-        idx = torch.cat(h).sort().values
-        out.append(({**part, "validation": val.select(idx)}, {**slots, "validation": slots["validation"][idx]}))
+        keep = torch.zeros(len(val), dtype=torch.bool)
+        keep[torch.cat(h)] = True
+        out.append(({**part, "validation": val.where(keep)}, {**slots, "validation": slots["validation"][keep]}))
     return out[0], out[1]
 
 
 def train_mlora_domain(head: Head, lora: LoraConfig, domain: str, splits: dict[str, Features],
                        cfg: AdaptTrainConfig, loop: LoopConfig, wide: WideSpec | None = None) -> DomainResult:
     """:func:`train_mlora` of one domain whose rows are all of ``splits``."""
-    own = {s: Features(f.x, f.labels, torch.zeros_like(f.domains), f.aux, f.ids) for s, f in splits.items()}
+    own = {s: dataclasses.replace(f, domains=torch.zeros_like(f.domains)) for s, f in splits.items()}
     return train_mlora(head, lora, [domain], [domain], own, cfg, loop, wide)[0]
 
 
@@ -260,16 +302,22 @@ def _by_domain(f: Features, k: int) -> tuple[Features, list[Tensor]]:
 def _routed(adapted: AdaptedModel, vocab: list[str], splits: dict[str, Features]
             ) -> tuple[dict[str, Features], dict[str, Tensor]]:
     """Rows of the adapted domains per split and their slots [N] into ``adapted.domain_names``."""
-    lut = torch.full((len(vocab),), -1, dtype=torch.long)
-    lut[[vocab.index(d) for d in adapted.domain_names]] = torch.arange(len(adapted.domain_names))
+    lut = _slot_lut(adapted, vocab)
     part = {s: f.select(lut[f.domains] >= 0) for s, f in splits.items()}
     return part, {s: lut[f.domains] for s, f in part.items()}
 
 
-def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], part: dict[str, Features],
-                   slots: dict[str, Tensor], aux_col: int | None, cfg: AdaptTrainConfig,
+def _slot_lut(adapted: AdaptedModel, vocab: list[str]) -> Tensor:
+    """[len(vocab)]: each domain id's slot in ``adapted.domain_names`` (-1: not adapted here)."""
+    lut = torch.full((len(vocab),), -1, dtype=torch.long)
+    lut[[vocab.index(d) for d in adapted.domain_names]] = torch.arange(len(adapted.domain_names))
+    return lut
+
+
+def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], train: list[TrainRows],
+                   val: Rows | None, val_slots: Tensor | None, aux_col: int | None, cfg: AdaptTrainConfig,
                    loop: LoopConfig) -> list[DomainResult]:
-    """Train the own tensors of ``names`` (domains of ``adapted``), each on its own rows.
+    """Train the own tensors of ``names`` (domains of ``adapted``), each on its own rows ``train``.
 
     Step i holds the i-th batch of each domain still in its epoch; the loss is
     ``sum_d mean_{rows of d} BCE`` (each domain's gradient is its single-domain batch gradient);
@@ -282,13 +330,11 @@ def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], pa
     own = {d: list(adapted.adapter_params(d).values()) for d in names}
     opt = torch.optim.Adam([p for ps in own.values() for p in ps], lr=cfg.lr, weight_decay=cfg.weight_decay,
                            fused=True)
-    train, val = part["train"], part.get("validation")
-    rows = [torch.nonzero(slots["train"] == k).squeeze(1) for k in pos]
     gens = [torch.Generator().manual_seed(domain_seed(loop.seed, d)) for d in names]
-    results = [DomainResult(d, {}, train_samples=len(r)) for d, r in zip(names, rows, strict=True)]
+    results = [DomainResult(d, {}, train_samples=len(r)) for d, r in zip(names, train, strict=True)]
 
     def validate() -> list[float | None]:
-        s = _val_scores(model, adapted, val, slots.get("validation"), aux_col, len(adapted.domain_names))
+        s = _val_scores(model, adapted, val, val_slots, aux_col, len(adapted.domain_names))
         return [s[k] for k in pos]
 
     stops = [_Best(v, adapted.state_for(d)) for v, d in zip(validate(), names, strict=True)]
@@ -306,18 +352,14 @@ def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], pa
 
     progress = Progress(f"adapt {','.join(names)}", loop.epochs, unit="epochs", every=0)  # ETA: at most
     for epoch in range(1, loop.epochs + 1):
-        orders = {k: _batches(len(rows[k]), cfg.batch_size, gens[k]) for k in sorted(active)}
-        for i in range(max(len(o) for o in orders.values())):
-            batch = [(k, rows[k][o[i]]) for k, o in orders.items() if i < len(o) and k in active]
-            if not batch:
-                break
-            idx = torch.cat([j for _, j in batch])
-            weight = torch.cat([torch.full((len(j),), 1.0 / len(j)) for _, j in batch])
+        epochs = {k: train[k].epoch(cfg.batch_size, gens[k]) for k in sorted(active)}
+        while batch := _step_batches(epochs, active):
+            rows = Features.cat([b for _, b in batch])
+            slots = torch.cat([torch.full((len(b),), pos[k]) for k, b in batch])
+            weight = torch.cat([torch.full((len(b),), 1.0 / len(b)) for _, b in batch])
             model.train()
-            with adapted.routing(slots["train"][idx], None if aux_col is None else train.aux[idx, aux_col],
-                                 train.wide(adapted.wide, idx)):
-                per_row = F.binary_cross_entropy_with_logits(model(train.x[idx]), train.labels[idx],
-                                                             reduction="none")
+            per_row = F.binary_cross_entropy_with_logits(forward(model, adapted, rows, slots, aux_col), rows.labels,
+                                                         reduction="none")
             opt.zero_grad(set_to_none=True)
             (per_row * weight).sum().backward()
             for k in set(range(len(names))) - {k for k, _ in batch}:
@@ -338,7 +380,16 @@ def _train_domains(model: nn.Module, adapted: AdaptedModel, names: list[str], pa
     return results
 
 
-def _final_metrics(head: Head, model: nn.Module, adapted: AdaptedModel, part: dict[str, Features],
+def _step_batches(epochs: dict[int, Iterator[Features]], active: set[int]) -> list[tuple[int, Features]]:
+    """The next batch of each active domain still in its epoch (ascending domain position)."""
+    out = []
+    for k, it in epochs.items():
+        if k in active and (b := next(it, None)) is not None:
+            out.append((k, b))
+    return out
+
+
+def _final_metrics(head: Head, model: nn.Module, adapted: AdaptedModel, part: dict[str, Rows],
                    slots: dict[str, Tensor], results: list[DomainResult], aux_col: int | None = None) -> None:
     """Fill each result's validation/test metrics: frozen head vs the assembled adapted model."""
     names = adapted.domain_names
@@ -353,7 +404,7 @@ def _final_metrics(head: Head, model: nn.Module, adapted: AdaptedModel, part: di
                 r.metrics[split] = compare(base[m], mine[m], f.labels[m])
 
 
-def _val_scores(model: nn.Module, adapted: AdaptedModel, val: Features | None, slots: Tensor | None,
+def _val_scores(model: nn.Module, adapted: AdaptedModel, val: Rows | None, slots: Tensor | None,
                 aux_col: int | None, k: int) -> list[float | None]:
     """Validation score of each of ``k`` routed domains (None: no validation rows)."""
     if val is None or not len(val):
@@ -390,11 +441,12 @@ def _train_joint(model: nn.Module, adapted: AdaptedModel, part: dict[str, Featur
     best, going, step = _Best(score(), snapshot()), True, 0
     gen = torch.Generator().manual_seed(domain_seed(loop.seed, "multilora"))
     for epoch in range(1, loop.epochs + 1):
-        order = _batches(len(train), cfg.batch_size, gen)
+        order = batches(len(train), cfg.batch_size, gen)
         for i, idx in enumerate(order):  # validate every eval_every steps and after the last
             model.train()
-            with adapted.routing(slots["train"][idx], train.aux[idx, aux_col], train.wide(adapted.wide, idx)):
-                loss = F.binary_cross_entropy_with_logits(model(train.x[idx]), train.labels[idx])
+            rows = train.select(idx)
+            loss = F.binary_cross_entropy_with_logits(forward(model, adapted, rows, slots["train"][idx], aux_col),
+                                                      rows.labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -449,6 +501,8 @@ def train_multilora(head: Head, lora: LoraConfig, vocab: list[str], domains: lis
         adapted.load_shared_state(shared)
     for name, p in adapted.adapter_params().items():
         p.requires_grad_(".aux_lora." not in name)  # stage 2: the shared state stays frozen
-    results = [_train_domains(model, adapted, [d], part, slots, aux_col, cfg, loop)[0] for d in domains]
+    results = [_train_domains(model, adapted, [d], [Held(part["train"], torch.nonzero(
+        slots["train"] == adapted.domain_names.index(d)).squeeze(1))], part.get("validation"),
+        slots.get("validation"), aux_col, cfg, loop)[0] for d in domains]
     _final_metrics(head, model, adapted, part, slots, results, aux_col)
     return results, adapted.shared_state()

@@ -274,6 +274,14 @@ class AdaptTrainConfig:
     stopping on all validation rows."""
     resamples: int = 200
     """Bootstrap resamples of the ``confidence`` gate."""
+    buffer_rows: int = 1_000_000
+    """Bound on the feature rows an MLoRA adapter task holds (README "Adapting at scale"). A task
+    whose domains have at most this many rows (train, validation and test) holds them all, as
+    before; a larger one streams them from the feature cache: each epoch reads every domain's
+    training rows in seeded random blocks through a shuffle buffer of this many rows per pack
+    (each domain of a pack gets its share, two batches at least), and validation and test keep
+    only a probability, label and domain id a row. 1M rows are about 400 MB of features at the
+    gen-logs schema's width. MultiLoRA holds its rows whatever their number."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -294,6 +302,9 @@ class AdaptTrainConfig:
             raise ValueError(f"confidence: must be in [0, 1), got {self.confidence}")
         if self.resamples < 1:
             raise ValueError(f"resamples: must be >= 1, got {self.resamples}")
+        if self.buffer_rows < 2 * self.batch_size:
+            raise ValueError(f"buffer_rows: must hold two batches (>= 2 * batch_size = {2 * self.batch_size}), "
+                             f"got {self.buffer_rows}")
 
 
 @dataclass(kw_only=True)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -86,6 +87,11 @@ class Features:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The per-row tensors' names, in :meth:`tensors` order (the cache's file keys)."""
+        return tuple(f.name for f in fields(cls))
+
     def select(self, index: Tensor) -> Features:
         """Rows picked by a bool mask or an index tensor."""
         return Features(*(t[index] for t in self.tensors()))
@@ -97,27 +103,68 @@ class Features:
             return None
         return self.ids[rows], self.x[rows, self.x.shape[1] - spec.num_dense:]
 
+    def where(self, keep: Tensor) -> Features:
+        """The rows where ``keep`` [N] (bool) is True, in order (as a streamed split's ``where``)."""
+        return self.select(keep)
+
+    def chunks(self, rows: int = EVAL_ROWS) -> Iterator[Features]:
+        """Consecutive slices of ``rows`` rows (how evaluation walks any split, held or streamed)."""
+        for lo in range(0, len(self), rows):
+            yield Features(*(t[lo:lo + rows] for t in self.tensors()))
+
     def of_domain(self, domain_id: int) -> Features:
         """The rows of one domain."""
         return self.select(self.domains == domain_id)
 
     @staticmethod
-    def cat(parts: list[Features], width: int, aux: int) -> Features:
+    def cat(parts: list[Features], width: int = 0, aux: int = 0) -> Features:
         """Concatenate row-wise; an empty list gives 0 rows of ``[0, width]`` / ``[0, aux]``."""
         if not parts:
             return Features(torch.zeros(0, width), torch.zeros(0), torch.zeros(0, dtype=torch.long),
                             torch.zeros(0, aux, dtype=torch.long))
         return Features(*(torch.cat(t) for t in zip(*(p.tensors() for p in parts), strict=True)))
 
-    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``(x, labels, domains, aux, ids)``."""
-        return self.x, self.labels, self.domains, self.aux, self.ids
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The per-row tensors in :meth:`keys` order: ``(x, labels, domains, aux, ids)``."""
+        return tuple(getattr(self, k) for k in self.keys())
 
     def split(self, seed: int, validation: float = 0.1) -> dict[str, Features]:
         """Seeded random ``{"train", "validation"}`` partition; validation gets floor(N·share) rows."""
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        perm = _split_perm(len(self), seed)
         cut = len(self) - int(len(self) * validation)
         return {"train": self.select(perm[:cut]), "validation": self.select(perm[cut:])}
+
+
+def _split_perm(n: int, seed: int) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def validation_mask(n: int, seed: int, validation: float = 0.1) -> Tensor:
+    """bool [n]: the rows :meth:`Features.split` puts in validation (the same draw), for a
+    dataset that is divided as it is read rather than held."""
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[_split_perm(n, seed)[n - int(n * validation):]] = True
+    return keep
+
+
+class Rows(Protocol):
+    """Rows of one split that evaluation walks in order, a bounded chunk at a time: held
+    (:class:`Features`) or read from storage (:class:`mdlora.trainer.stream.StreamedRows`)."""
+
+    labels: Tensor
+    """float32 [N]."""
+    domains: Tensor
+    """int64 [N]."""
+
+    def __len__(self) -> int: ...
+
+    def chunks(self) -> Iterator[Features]:
+        """The rows in order, as consecutive :class:`Features`."""
+        ...
+
+    def where(self, keep: Tensor) -> Rows:
+        """The rows where ``keep`` [N] (bool) is True, in order."""
+        ...
 
 
 @torch.no_grad()
@@ -167,16 +214,25 @@ class Head(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def forward(model: nn.Module, adapted: AdaptedModel | None, batch: Features, slots: Tensor | None = None,
+            aux_col: int | None = None) -> Tensor:
+    """Logits [B] of ``model`` on one batch, routed by ``slots`` [B] into ``adapted``'s domains
+    (and by the batch's aux column ``aux_col`` for MultiLoRA). Every adapter training step and
+    evaluation calls the model through here: what a batch feeds the model is decided once."""
+    aux = None if aux_col is None else batch.aux[:, aux_col]
+    with adapted.routing(slots, aux, batch.wide(adapted.wide)) if adapted is not None else contextlib.nullcontext():
+        return model(batch.x)
+
+
 @torch.no_grad()
-def predict(model: nn.Module, adapted: AdaptedModel | None, feats: Features,
+def predict(model: nn.Module, adapted: AdaptedModel | None, rows: Features | Rows,
             slots: Tensor | None = None, aux_col: int | None = None) -> Tensor:
-    """Probabilities [N] of ``model`` on cached features, routed by ``slots`` [N] (eval mode)."""
+    """Probabilities [N] of ``model`` on cached features, held or streamed, routed by ``slots``
+    [N] (eval mode; one chunk of rows at a time)."""
     model.eval()
-    out = []
-    for lo in range(0, len(feats), EVAL_ROWS):
-        rows = slice(lo, lo + EVAL_ROWS)
-        aux = None if aux_col is None else feats.aux[rows, aux_col]
-        with adapted.routing(slots[rows], aux, feats.wide(adapted.wide, rows)) if adapted is not None \
-                else contextlib.nullcontext():
-            out.append(torch.sigmoid(model(feats.x[rows])))
+    out, lo = [], 0
+    for chunk in rows.chunks():
+        out.append(torch.sigmoid(forward(model, adapted, chunk, None if slots is None else slots[lo:lo + len(chunk)],
+                                         aux_col)))
+        lo += len(chunk)
     return torch.cat(out) if out else torch.zeros(0)

@@ -267,6 +267,25 @@ def test_gain_confidence_is_a_paired_bootstrap_of_the_auc_difference():
     assert gain_confidence(base, better, torch.ones(400), 10, 0) is None  # one class: no AUC
 
 
+def test_gain_confidence_in_parts_equals_one_u_per_draw():
+    """U is computed on a few resamples at a time (bounded memory): the same wins as all of a draw at once."""
+    from scipy.stats import mannwhitneyu
+
+    g = torch.Generator().manual_seed(1)
+    n = 20_000  # a draw of 100 resamples, U on parts of 12
+    y = (torch.rand(n, generator=g) < 0.3).float()
+    base = torch.rand(n, generator=g)
+    other = base + 0.3 * torch.rand(n, generator=g)  # no better: about half the resamples
+    pos, neg = np.flatnonzero(y.numpy() == 1), np.flatnonzero(y.numpy() == 0)
+    rng, wins = np.random.default_rng(7), 0.0
+    for r in (100, 20):
+        ip, ineg = pos[rng.integers(0, len(pos), (r, len(pos)))], neg[rng.integers(0, len(neg), (r, len(neg)))]
+        u_a, u_b = (mannwhitneyu(m.numpy()[ip], m.numpy()[ineg], axis=1, method="asymptotic").statistic
+                    for m in (other, base))
+        wins += float((u_a > u_b).sum() + 0.5 * (u_a == u_b).sum())
+    assert gain_confidence(base, other, y, 120, 7) == wins / 120 and 0.0 < wins / 120 < 1.0
+
+
 def test_confidence_gate_resets_a_noise_gain_and_keeps_a_real_one():
     head = _head()
     splits = _splits(head, {1: 1.5}, n=4000)  # "a" is unshifted: the backbone is exact there
