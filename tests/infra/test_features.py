@@ -97,7 +97,7 @@ def test_a_task_streams_only_above_its_buffer(tmp_path, monkeypatch):
     for buffer, streams in ((cache.held_rows(["a", "b"]), False), (cache.held_rows(["a", "b"]) - 1, True)):
         cfg = AdaptConfig(lora=LoraConfig(alpha=4), train=AdaptTrainConfig(batch_size=4, buffer_rows=buffer))
         adapt._train_task({"cache": cache, "cfg": cfg, "vocab": VOCAB, "head": Head(torch.nn.Linear(E, 3),
-                           torch.nn.Linear(3, 1)), "aux": None, "domains": ["a", "b"], "shared": None})
+                           torch.nn.Linear(3, 1)), "aux": None, "domains": ["a", "b"], "shared": None, "wide": None})
         assert isinstance(seen[-1]["train"], Features) is not streams, buffer
 
 
