@@ -116,6 +116,7 @@ def gate_of(manifest: dict, confidence: float) -> dict:
 def compare(base: dict, tuned: dict, gates: dict, resamples: int, seed: int) -> dict:
     """Per-domain and total figures of one cell's two scorings of the same test rows."""
     import torch
+
     from mdlora.trainer.adapt import domain_seed
     from mdlora.trainer.metrics import DomainMetrics
 
