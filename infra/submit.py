@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-EXCLUDES = [".venv", ".git", "demo-out", "runs", "benchmarks/results", "__pycache__", ".pytest_cache",
+EXCLUDES = [".venv", ".git", "demo-out", "runs", "registry", "benchmarks/results", "__pycache__", ".pytest_cache",
             ".ruff_cache", "*.egg-info", "build", ".whl", ".gl"]
 """Paths (gitignore syntax) never uploaded with the working dir."""
 

@@ -192,7 +192,7 @@ def local_batch(batch_size: int, world_size: int) -> int:
 class OutputConfig:
     """Where runs, checkpoints and published artefacts go."""
 
-    root: str = "runs"
+    root: str = "registry"
     """Registry root (local dir or s3://): backbones/ and adapters/ live under it."""
     model: str = "default"
     """Backbone name (``backbones/<model>/vNNNN``)."""
